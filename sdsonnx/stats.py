@@ -1,0 +1,61 @@
+"""Statistics of a Linear layer's inputs X [tokens, d_in], accumulated batch by batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LayerStats:
+    """Running sums over all calibration tokens seen so far.
+
+    xtx:      sum of x x^T, [d_in, d_in] float32 (None when no method needs the full Gram matrix)
+    sq_norm:  sum of x_j^2 per input feature, [d_in]; Wanda's ||X_j||_2^2
+    count:    number of tokens
+    inputs:   the raw inputs [tokens, d_in] when a solver needs them (sgd), else None
+    """
+
+    d_in: int
+    full: bool = True
+    keep_inputs: bool = False
+    xtx: torch.Tensor | None = None
+    sq_norm: torch.Tensor | None = None
+    count: int = 0
+    inputs: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a batch of inputs of any leading shape [..., d_in]."""
+        x = x.reshape(-1, self.d_in)
+        if self.keep_inputs:
+            self.inputs.append(x.detach().to("cpu", torch.bfloat16))
+        x = x.float()
+        if self.sq_norm is None:
+            self.sq_norm = torch.zeros(self.d_in, device=x.device)
+        self.sq_norm += (x * x).sum(0)
+        if self.full:
+            if self.xtx is None:
+                self.xtx = torch.zeros(self.d_in, self.d_in, device=x.device)
+            self.xtx.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """H = X X^T / N: the mean Gram matrix (scale-free for every method here)."""
+        if self.xtx is None:
+            raise ValueError("full Gram matrix was not collected for this layer")
+        return self.xtx / max(self.count, 1)
+
+    def stacked_inputs(self) -> torch.Tensor:
+        """All kept inputs as one [tokens, d_in] tensor."""
+        if not self.inputs:
+            raise ValueError("raw inputs were not kept for this layer")
+        return torch.cat(self.inputs)
+
+
+def output_error(w_ref: torch.Tensor, w: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative reconstruction error ||W_ref X - W X||^2 / ||W_ref X||^2 from H = X X^T / N."""
+    delta = (w_ref.float() - w.float())
+    num = torch.einsum("ij,jk,ik->", delta, hessian, delta)
+    den = torch.einsum("ij,jk,ik->", w_ref.float(), hessian, w_ref.float())
+    return float(num / den.clamp_min(1e-30))
