@@ -1,0 +1,197 @@
+"""The one layer-wise loop: a recipe's stages applied decoder block by decoder block.
+
+Versions and streams. Stage i turns version i of every target weight into version i+1 (version 0 is the
+dense model). Each stage collects its statistics from one *stream*: the hidden states that a given version
+of the model produces at the current block's input (`data: self` = the stage's own output model, as in
+SparseGPT's sequential pruning; `sparse` = the first prune's output model, the paper's SD data; `dense` =
+the unpruned model, DD), optionally on its own calibration part (MSD). Only the streams some stage needs
+are kept and advanced.
+
+Per block:  1. load the block in float32 on the working device;
+            2. for each stage: set the stage's input weights, run the block over the stage's stream with
+               hooks that accumulate X X^T of every target Linear's input, apply the stage function;
+            3. advance each stream through the block with that stream's version of the weights;
+            4. keep the final weights, cast the block back to its storage dtype.
+Within a block every target Linear's statistics come from one pass with the stage's input weights (as the
+reference SparseGPT does), not from sequential groups q/k/v -> o -> gate/up -> down.
+
+The loop's state between blocks is just (block index, streams): per-block checkpoint/resume and streaming
+weights from disk one block at a time fit in by saving/loading that state and the finished blocks.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blocks import BlockInputs, capture_block_inputs, find_blocks, run_block, target_linears
+from .pattern import Pattern
+from .recipe import PruneStage, Recipe
+from .stages import STAGES, ModuleContext
+from .stats import LayerStats, output_error
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StreamKey:
+    version: int  # which model version produces the hidden states
+    part: int  # which calibration part (0 unless the MSD ablation splits the samples)
+
+
+@dataclass
+class PipelineResult:
+    """What a run produced besides the pruned model (which is modified in place)."""
+
+    modules: dict[str, dict] = field(default_factory=dict)  # per-module records
+    stage_seconds: list[float] = field(default_factory=list)
+    snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # version -> {name: W}
+    block_sparsity: list[float] | None = None  # OWL profile, when used
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def stream_key(recipe: Recipe, index: int) -> StreamKey:
+    """The stream stage `index` reads: its own output (self), the first prune's output (sparse) or dense."""
+    stage = recipe.stages[index]
+    version = {"self": index + 1, "sparse": 1, "dense": 0}[stage.data]
+    return StreamKey(version, stage.calibration_part)
+
+
+def module_pattern(stage: PruneStage, block: int, name: str, block_sparsity: list[float] | None) -> Pattern:
+    """The pattern one module gets: the stage's, the OWL block sparsity, then the last matching override."""
+    import re
+
+    pattern = stage.base_pattern
+    if block_sparsity is not None:
+        pattern = Pattern(sparsity=block_sparsity[block])
+    for ov in stage.overrides:
+        if (ov.blocks is None or block in ov.blocks) and (ov.modules is None or re.search(ov.modules, name)):
+            pattern = Pattern(sparsity=ov.sparsity) if ov.sparsity is not None else Pattern.parse(ov.pattern)
+    return pattern
+
+
+@contextmanager
+def _collecting(linears: dict[str, nn.Linear], stats: dict[str, LayerStats]):
+    """Forward hooks that add every target Linear's input to its LayerStats."""
+    handles = [mod.register_forward_hook(lambda m, inp, out, s=stats[name]: s.add(inp[0]))
+               for name, mod in linears.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _set_weights(linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, mod in linears.items():
+            mod.weight.copy_(weights[name])
+
+
+def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict,
+                  keep_inputs: bool = False) -> dict[str, LayerStats]:
+    """Run the block over hidden [n, L, d] and return each target Linear's input statistics."""
+    stats = {name: LayerStats(mod.in_features, keep_inputs=keep_inputs) for name, mod in linears.items()}
+    with _collecting(linears, stats):
+        run_block(block, hidden, kwargs)
+    return stats
+
+
+def owl_block_sparsity(blocks: nn.ModuleList, targets: dict[int, dict[str, nn.Linear]], inputs: BlockInputs,
+                       stage: PruneStage, device: torch.device) -> list[float]:
+    """OWL: per-block sparsity from the share of outlier Wanda scores in the dense model (one extra pass)."""
+    from .prune.owl import outlier_ratio, owl_sparsities
+
+    hidden, ratios = inputs.hidden, []
+    for index, block in enumerate(tqdm(blocks, desc="OWL outlier ratios", leave=False)):
+        dtype = next(block.parameters()).dtype
+        block.to(device, torch.float32)
+        stats = collect_stats(block, targets[index], hidden, inputs.kwargs[index])
+        scores = [mod.weight.detach().abs() * stats[name].sq_norm.sqrt() for name, mod in targets[index].items()]
+        ratios.append(outlier_ratio(scores, stage.owl.threshold_m))
+        hidden = run_block(block, hidden, inputs.kwargs[index])
+        block.to("cpu", dtype)
+    return owl_sparsities(ratios, stage.sparsity, stage.owl.lam)
+
+
+def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, progress: bool = True) -> PipelineResult:
+    """Apply the recipe's stages to `model` in place, block by block; calibration is [parts * n, L] token ids."""
+    device = resolve_device(recipe.device)
+    _, blocks = find_blocks(model)
+    targets = target_linears(model, recipe.targets, recipe.ignore)
+    act_dtype = DTYPES[recipe.activation_dtype]
+    inputs = capture_block_inputs(model, calibration, act_dtype)
+    first = recipe.first_prune
+    result = PipelineResult(stage_seconds=[0.0] * len(recipe.stages))
+    if first.profile == "owl":
+        result.block_sparsity = owl_block_sparsity(blocks, targets, inputs, first, device)
+        log.info("OWL block sparsity: %s", ", ".join(f"{s:.3f}" for s in result.block_sparsity))
+
+    per_part = calibration.shape[0] // recipe.calibration.parts
+    keys = {stream_key(recipe, i) for i in range(len(recipe.stages))}
+    streams = {k: inputs.hidden[k.part * per_part:(k.part + 1) * per_part] for k in keys}
+    keep_snapshots = recipe.evaluation is not None and recipe.evaluation.each_step and len(recipe.stages) > 1
+    result.snapshots = {v: {} for v in range(1, len(recipe.stages))} if keep_snapshots else {}
+
+    for index, block in enumerate(tqdm(blocks, desc="Pruning blocks", disable=not progress)):
+        linears = targets[index]
+        if not linears:
+            streams = {k: run_block(block, h, inputs.kwargs[index]) for k, h in streams.items()}
+            continue
+        storage_dtype = next(block.parameters()).dtype
+        block.to(device, torch.float32)
+        versions = _run_stages(recipe, index, block, linears, streams, inputs.kwargs[index], result)
+        for key in streams:
+            _set_weights(linears, versions[key.version])
+            streams[key] = run_block(block, streams[key], inputs.kwargs[index])
+        _set_weights(linears, versions[-1])
+        for version, snapshot in result.snapshots.items():
+            snapshot.update({n: w.to("cpu", storage_dtype) for n, w in versions[version].items()})
+        block.to("cpu", storage_dtype)
+    return result
+
+
+def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str, nn.Linear],
+                streams: dict[StreamKey, torch.Tensor], kwargs: dict, result: PipelineResult) -> list[dict]:
+    """All stages on one block; returns the weight versions [dense, after stage 1, ...]."""
+    first = recipe.first_prune
+    versions = [{n: mod.weight.detach().float().clone() for n, mod in linears.items()}]
+    for i, stage in enumerate(recipe.stages):
+        start = time.perf_counter()
+        _set_weights(linears, versions[i])
+        keep_inputs = getattr(stage, "solver", None) == "sgd"
+        stats = collect_stats(block, linears, streams[stream_key(recipe, i)], kwargs, keep_inputs)
+        out = {}
+        for name in linears:
+            ctx = ModuleContext(
+                name=name, dense=versions[0][name], first=versions[1][name] if i > 0 else None, stats=stats[name],
+                pattern=module_pattern(first, index, name, result.block_sparsity), method=first.method)
+            t0 = time.perf_counter()
+            weight, info = STAGES[stage.kind](stage, versions[i][name], ctx)
+            out[name] = weight.float()
+            record = {"stage": stage.kind, "sparsity": float((weight == 0).float().mean()),
+                      "error": output_error(ctx.dense, weight, stats[name].hessian),
+                      "seconds": time.perf_counter() - t0, **info}
+            entry = result.modules.setdefault(name, {"block": index, "pattern": str(ctx.pattern), "stages": []})
+            entry["stages"].append(record)
+        versions.append(out)
+        del stats
+        result.stage_seconds[i] += time.perf_counter() - start
+    for name in linears:
+        entry = result.modules[name]
+        entry["sparsity"], entry["error"] = entry["stages"][-1]["sparsity"], entry["stages"][-1]["error"]
+    return versions

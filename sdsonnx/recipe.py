@@ -1,0 +1,226 @@
+"""Recipe schema and loader: every input check that needs no weights happens here.
+
+A recipe is YAML validated by pydantic models with `extra="forbid"`: an unknown key, a wrong type or a
+value out of range is a `RecipeError` naming the file and the field (e.g. `stages.0.sparsity`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .pattern import Pattern
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {value!r}: {exc}") from exc
+    return value
+
+
+class Calibration(_Strict):
+    source: str = Field("wiki-extracts", description="wiki-extracts | c4 | wikitext2 | path to .txt/.json/.jsonl/.parquet")
+    segments: int = Field(128, gt=0, description="Number of random calibration segments (paper: 128).")
+    length: int = Field(2048, gt=1, description="Tokens per segment (paper: 2048).")
+    seed: int = Field(0, description="Seed of the segment draw: same seed, same segments.")
+    parts: int = Field(1, ge=1, le=8, description="Disjoint sample sets for stages (MSD ablation); segments each.")
+
+
+class Evaluation(_Strict):
+    source: str = "wiki-extracts"
+    window: int = Field(2048, gt=1, description="Tokens per non-overlapping perplexity window.")
+    max_tokens: int | None = Field(None, gt=0, description="Cap on evaluation tokens (None: whole split).")
+    each_step: bool = Field(True, description="Also evaluate the model after every intermediate stage.")
+
+
+class Override(_Strict):
+    """Per-block / per-module sparsity: the last matching override wins."""
+
+    blocks: list[int] | None = Field(None, description="Block indices (None: all blocks).")
+    modules: str | None = Field(None, description="Regex searched in the module name (None: all targets).")
+    sparsity: float | None = Field(None, gt=0, lt=1)
+    pattern: str | None = Field(None, description="n:m pattern such as 2:4")
+
+    _re = field_validator("modules")(lambda v: v if v is None else _check_regex(v))
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "Override":
+        if (self.sparsity is None) == (self.pattern is None):
+            raise ValueError("give exactly one of sparsity or pattern")
+        if self.pattern is not None:
+            _nm_pattern(self.pattern)
+        return self
+
+
+def _nm_pattern(value: str) -> Pattern:
+    pattern = Pattern.parse(value)  # raises ValueError for n >= m or n == 0
+    if not pattern.is_nm:
+        raise ValueError(f"pattern must look like n:m (e.g. 2:4), got {value!r}; use sparsity: for unstructured")
+    return pattern
+
+
+DataMode = Literal["self", "sparse", "dense"]
+_DATA_HELP = ("Which model's activations feed the statistics: self = this stage's own output model (sequential, "
+              "SparseGPT style; KD for SDS stages), sparse = the first prune's output (the paper's SD), dense = the "
+              "unpruned model (DD).")
+
+
+class Owl(_Strict):
+    threshold_m: float = Field(5.0, gt=0, description="Outlier: Wanda score above M x the block mean (OWL: M=5).")
+    lam: float = Field(0.08, ge=0, lt=0.5, description="Spread of block sparsities around the mean (OWL: 0.08).")
+
+
+class PruneStage(_Strict):
+    kind: Literal["prune"]
+    method: Literal["magnitude", "wanda", "sparsegpt"]
+    sparsity: float | None = Field(None, gt=0, lt=1, description="Unstructured pruned share.")
+    pattern: str | None = Field(None, description="n:m semi-structured pattern, n kept of every m inputs.")
+    profile: Literal["uniform", "owl"] = "uniform"
+    owl: Owl = Owl()
+    overrides: list[Override] = []
+    data: DataMode = Field("self", description=_DATA_HELP)
+    calibration_part: int = Field(0, ge=0)
+    blocksize: int = Field(128, gt=0, description="SparseGPT lazy-update block size.")
+    percdamp: float = Field(0.01, gt=0, description="SparseGPT dampening, share of mean diag(H).")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "PruneStage":
+        if (self.sparsity is None) == (self.pattern is None):
+            raise ValueError("give exactly one of sparsity (unstructured) or pattern (n:m)")
+        if self.pattern is not None:
+            _nm_pattern(self.pattern)
+            if self.profile == "owl":
+                raise ValueError("profile owl sets per-block unstructured sparsity; it cannot be used with an n:m pattern")
+        return self
+
+    @property
+    def base_pattern(self) -> Pattern:
+        return _nm_pattern(self.pattern) if self.pattern else Pattern(sparsity=self.sparsity)
+
+
+class RedenseStage(_Strict):
+    """Paper Eq. 4: re-dense reconstruction from the first-pruned weights with L1/L2 penalties."""
+
+    kind: Literal["redense"]
+    solver: Literal["gram", "sgd"] = "gram"
+    l1: float = Field(0.1, ge=0)
+    l2: float = Field(0.1, ge=0)
+    max_iter: int = Field(200, gt=0, description="gram: FISTA iteration cap.")
+    tol: float = Field(1e-5, ge=0, description="gram: stop when the relative change is below tol.")
+    epochs: int = Field(200, gt=0, description="sgd: passes over the calibration tokens (paper: 200).")
+    lr: float = Field(0.1, gt=0, description="sgd: learning rate (paper: 0.1).")
+    batch_size: int = Field(4096, gt=0, description="sgd: tokens per step.")
+    optimizer: Literal["adam", "sgd"] = "adam"
+    data: DataMode = Field("sparse", description=_DATA_HELP)
+    calibration_part: int = Field(0, ge=0)
+
+
+class SecondPruneStage(_Strict):
+    """Paper Eq. 5: prune the re-dense weights with the first prune's method and pattern, then adjust."""
+
+    kind: Literal["second_prune"]
+    adjust: bool = Field(True, description="Soft-mask weight adjustment (skipped where the one-shot prune wins).")
+    max_iter: int = Field(100, gt=0)
+    tol: float = Field(1e-6, ge=0)
+    data: DataMode = Field("sparse", description=_DATA_HELP)
+    calibration_part: int = Field(0, ge=0)
+
+
+Stage = Annotated[Union[PruneStage, RedenseStage, SecondPruneStage], Field(discriminator="kind")]
+
+
+class Export(_Strict):
+    task: Literal["text-generation", "text-generation-with-past"] = "text-generation-with-past"
+    opset: int | None = Field(None, ge=11, le=22)
+    validate_artifact: bool = Field(True, alias="validate")
+
+
+class Recipe(_Strict):
+    model: str = Field(description="smollm2-135m | local HF dir | file.gguf | hub id")
+    num_blocks: int | None = Field(None, gt=0, description="Keep only the first k decoder blocks (tests, quick runs).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Storage dtype of the model.")
+    activation_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of stored calibration activations between blocks.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    calibration: Calibration = Calibration()
+    evaluation: Evaluation | None = Evaluation()
+    targets: list[str] | None = Field(None, description="Regexes of module names to prune (None: every Linear in the decoder blocks).")
+    ignore: list[str] = Field([], description="Regexes of module names never pruned.")
+    stages: list[Stage] = Field(min_length=1)
+    output: str | None = None
+    export: Export | None = None
+
+    _re = field_validator("targets", "ignore")(lambda v: v if v is None else [_check_regex(x) for x in v])
+
+    @model_validator(mode="after")
+    def _stage_order(self) -> "Recipe":
+        if self.stages[0].kind != "prune":
+            raise ValueError("stages: the first stage must be a prune stage")
+        for i, stage in enumerate(self.stages):
+            if stage.calibration_part >= self.calibration.parts:
+                raise ValueError(f"stages.{i}.calibration_part={stage.calibration_part} but calibration.parts={self.calibration.parts}")
+            if stage.kind == "second_prune" and not any(s.kind == "redense" for s in self.stages[:i]):
+                raise ValueError(f"stages.{i}: second_prune needs a redense stage before it")
+        return self
+
+    @property
+    def first_prune(self) -> PruneStage:
+        return self.stages[0]
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the recipe: the recipe hash in reports and metadata."""
+        canonical = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def _format_errors(path: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).endswith("Stage") and p not in ("prune", "redense", "second_prune"))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{path}: {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: dict, path: str = "<recipe>") -> Recipe:
+    """Validate a recipe given as a dict; raise RecipeError listing every problem."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(path, exc)) from None
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
+    """Read and validate a YAML recipe; `overrides` replaces top-level keys (e.g. output from the CLI)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(data, dict) and overrides:
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    return parse_recipe(data, str(path))
