@@ -30,3 +30,72 @@ def main(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+
+
+def _fail_cleanly(func):
+    """Map library errors to exit codes: bad input -> 2 with a message, anything else -> 1 with a traceback."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from .recipe import RecipeError
+        from .blocks import UnsupportedModelError
+        from .data import DataSourceError
+        from .models import ModelSourceError
+
+        try:
+            return func(*args, **kwargs)
+        except (RecipeError, UnsupportedModelError, DataSourceError, ModelSourceError, FileNotFoundError) as exc:
+            raise UserError(str(exc)) from None
+
+    return wrapper
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Output directory (overrides the recipe's).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_fail_cleanly
+def run(recipe: str, output: str | None, no_progress: bool) -> None:
+    """Prune the model of RECIPE (a YAML file) stage by stage; write checkpoint, recipe and report.json."""
+    from pathlib import Path
+
+    from .recipe import load_recipe
+    from .run import run_recipe
+    from .summary import run_summary
+
+    parsed = load_recipe(recipe, {"output": output})
+    out = Path(parsed.output or Path("runs") / Path(recipe).stem)
+    report = run_recipe(parsed, out, recipe, progress=not no_progress)
+    click.echo(run_summary(report))
+    click.echo(f"\nwrote {out}/ (model.safetensors, recipe.resolved.yaml, report.json)")
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--data", default="wiki-extracts", show_default=True, help="Evaluation text source.")
+@click.option("--window", default=2048, show_default=True, help="Tokens per window.")
+@click.option("--max-tokens", type=int, default=None, help="Cap on evaluation tokens.")
+@_fail_cleanly
+def eval_(model: str, data: str, window: int, max_tokens: int | None) -> None:
+    """Print the perplexity of MODEL (checkpoint dir, smollm2-135m, GGUF or hub id) on evaluation text."""
+    from .data import evaluation_windows, load_split_texts
+    from .evaluate import perplexity
+    from .models import load_model
+
+    net, tokenizer = load_model(model)
+    windows = evaluation_windows(tokenizer, load_split_texts(data, "evaluation"), window, max_tokens)
+    click.echo(f"perplexity {perplexity(net, windows):.4f} ({windows.numel()} tokens, {windows.shape[0]} windows of {window})")
+
+
+@main.command()
+@click.argument("model")
+@_fail_cleanly
+def inspect(model: str) -> None:
+    """Print a per-module sparsity and N:M pattern table of MODEL's decoder Linears."""
+    from .models import load_model
+    from .summary import inspect_rows, table
+
+    net, _ = load_model(model)
+    rows = inspect_rows(net)
+    click.echo(table(rows, ["module", "shape", "sparsity", "pattern"]))

@@ -186,7 +186,8 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
             record = {"stage": stage.kind, "sparsity": float((weight == 0).float().mean()),
                       "error": output_error(ctx.dense, weight, stats[name].hessian),
                       "seconds": time.perf_counter() - t0, **info}
-            entry = result.modules.setdefault(name, {"block": index, "pattern": str(ctx.pattern), "stages": []})
+            entry = result.modules.setdefault(name, {"block": index, "pattern": str(ctx.pattern),
+                                                     "shape": list(weight.shape), "numel": weight.numel(), "stages": []})
             entry["stages"].append(record)
         versions.append(out)
         del stats
