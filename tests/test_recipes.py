@@ -1,0 +1,57 @@
+"""Every recipe in recipes/ validates and round-trips; bad recipes fail before any weight is loaded."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdsonnx.recipe import RecipeError, load_recipe, parse_recipe
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+BASE = {"model": "smollm2-135m", "stages": [{"kind": "prune", "method": "wanda", "sparsity": 0.5}]}
+
+
+def test_there_are_recipes():
+    names = {p.name for p in RECIPES}
+    assert {"llama7b_50.yaml", "opt125m_24.yaml", "smollm2_50.yaml", "smollm2_24.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_validates_and_round_trips(path):
+    recipe = load_recipe(path)
+    again = parse_recipe(yaml.safe_load(recipe.to_yaml()))
+    assert again == recipe
+    assert again.digest() == recipe.digest()
+
+
+def with_(**changes):
+    data = {**BASE, **changes}
+    return data
+
+
+@pytest.mark.parametrize("data, message", [
+    (with_(foo=1), r"f\.yaml: foo: unknown key"),
+    (with_(stages=[{"kind": "prune", "method": "wanda", "sparsity": 1.2}]), r"stages\.0\.sparsity: Input should be less than 1"),
+    (with_(stages=[{"kind": "prune", "method": "wanda", "sparsity": 0}]), r"stages\.0\.sparsity: Input should be greater than 0"),
+    (with_(stages=[{"kind": "prune", "method": "wanda", "pattern": "4:2"}]), r"stages\.0: .*0 < n < m"),
+    (with_(stages=[{"kind": "prune", "method": "wanda", "pattern": "0:4"}]), r"stages\.0: .*0 < n < m"),
+    (with_(stages=[{"kind": "prune", "method": "wanda"}]), r"exactly one of sparsity"),
+    (with_(stages=[{"kind": "prune", "method": "obs", "sparsity": 0.5}]), r"stages\.0\.method"),
+    (with_(stages=[{"kind": "prune", "method": "wanda", "sparsity": "half"}]), r"stages\.0\.sparsity"),
+    (with_(stages=[{"kind": "redense"}]), r"first stage must be a prune stage"),
+    (with_(stages=[{"kind": "prune", "method": "wanda", "pattern": "2:4", "profile": "owl"}]), r"owl"),
+    (with_(calibration={"segments": -1}), r"calibration\.segments"),
+    (with_(targets=["("]), r"targets: invalid regular expression"),
+    (with_(stages=[]), r"stages: List should have at least 1 item"),
+])
+def test_bad_recipe_names_file_and_field(data, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(data, "f.yaml")
+
+
+def test_yaml_syntax_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(RecipeError, match="bad.yaml: not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "missing.yaml")
