@@ -46,6 +46,7 @@ class Evaluation(_Strict):
     window: int = Field(2048, gt=1, description="Tokens per non-overlapping perplexity window.")
     max_tokens: int | None = Field(None, gt=0, description="Cap on evaluation tokens (None: whole split).")
     each_step: bool = Field(True, description="Also evaluate the model after every intermediate stage.")
+    dense: bool = Field(True, description="Also evaluate the unpruned model (benchmarks measure it once instead).")
 
 
 class Override(_Strict):

@@ -68,7 +68,7 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
     wall["load"] = time.perf_counter() - t0
 
     ppl: dict[str, float] = {}
-    if windows is not None:
+    if windows is not None and recipe.evaluation.dense:
         t0 = time.perf_counter()
         ppl["dense"] = perplexity(model, windows)
         wall["eval_dense"] = time.perf_counter() - t0

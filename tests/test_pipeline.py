@@ -1,0 +1,74 @@
+"""The layer-wise loop on tiny random models of four architectures."""
+import pytest
+import torch
+
+from sdsonnx.blocks import capture_block_inputs, find_blocks, run_block, target_linears
+from sdsonnx.masks import nm_violations
+from sdsonnx.pipeline import collect_stats, prune_model
+from sdsonnx.recipe import parse_recipe
+
+from test_blocks import CONFIGS, tiny
+
+
+def recipe(stage, **extra):
+    return parse_recipe({"model": "unused", "device": "cpu", "evaluation": None, "stages": [stage], **extra})
+
+
+def calibration(n=4, length=32):
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_every_target_gets_exact_pattern_and_nothing_else_changes(arch, method):
+    model = tiny(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = prune_model(model, recipe({"kind": "prune", "method": method, "pattern": "2:4"}), calibration(), progress=False)
+    targets = {n for mods in target_linears(model).values() for n in mods}
+    assert set(result.modules) == targets
+    for name, mod in model.named_modules():
+        if name in targets:
+            assert len(nm_violations(mod.weight, 2, 4)) == 0, name
+            assert float((mod.weight == 0).float().mean()) == 0.5
+    for key, value in model.state_dict().items():
+        if key.removesuffix(".weight") not in targets:
+            assert torch.equal(value, before[key]), key  # head, embeddings, norms, biases untouched
+    assert all(r["error"] > 0 for r in result.modules.values())
+
+
+def test_unstructured_sparsity_overrides_and_ignore():
+    model = tiny("llama")
+    stage = {"kind": "prune", "method": "wanda", "sparsity": 0.5,
+             "overrides": [{"blocks": [1], "modules": r"mlp\.", "sparsity": 0.25}]}
+    prune_model(model, recipe(stage, ignore=[r"layers\.2\.self_attn\.q_proj"]), calibration(), progress=False)
+    sparsity = {n: float((m.weight == 0).float().mean()) for n, m in model.named_modules() if hasattr(m, "weight") and m.weight.dim() == 2}
+    assert sparsity["model.layers.1.mlp.up_proj"] == 0.25
+    assert sparsity["model.layers.1.self_attn.k_proj"] == 0.5
+    assert sparsity["model.layers.0.mlp.down_proj"] == 0.5
+    assert sparsity["model.layers.2.self_attn.q_proj"] == 0.0
+    assert sparsity["lm_head"] == 0.0
+
+
+def test_statistics_of_later_blocks_come_from_the_pruned_model():
+    """Sequential pruning (data: self): block 1's statistics come from block 0's *pruned* outputs."""
+    from sdsonnx.stats import output_error
+
+    model = tiny("llama")
+    ids = calibration()
+    inputs = capture_block_inputs(model, ids)
+    _, blocks = find_blocks(model)
+    name = "model.layers.1.self_attn.q_proj"
+    dense_block1 = {n: m.weight.detach().clone() for n, m in target_linears(model)[1].items()}
+    dense_out0 = run_block(blocks[0], inputs.hidden, inputs.kwargs[0])
+    result = prune_model(model, recipe({"kind": "prune", "method": "magnitude", "sparsity": 0.5}), ids, progress=False)
+    pruned_w = model.get_submodule(name).weight.detach().clone()
+    pruned_out0 = run_block(blocks[0], inputs.hidden, inputs.kwargs[0])
+    linears = target_linears(model)[1]
+    with torch.no_grad():
+        for n, m in linears.items():
+            m.weight.copy_(dense_block1[n])  # statistics are taken with the block's input (dense) weights
+    from_pruned = collect_stats(blocks[1], linears, pruned_out0, inputs.kwargs[1])[name].hessian
+    from_dense = collect_stats(blocks[1], linears, dense_out0, inputs.kwargs[1])[name].hessian
+    reported = result.modules[name]["error"]
+    assert reported == pytest.approx(output_error(dense_block1[name], pruned_w, from_pruned), rel=1e-4)
+    assert reported != pytest.approx(output_error(dense_block1[name], pruned_w, from_dense), rel=1e-3)
