@@ -1,0 +1,30 @@
+"""Perplexity of a causal LM on fixed windows of token ids."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (float64 scalar) of logits [b, L, V] for ids [b, L]; position 0 is not predicted."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").double()
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
+    """exp(mean next-token NLL) over all windows [k, L]: k * (L - 1) predicted tokens, on the model's device."""
+    if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [k >= 1, L >= 2], got {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64)
+    batches = windows.split(batch_size)
+    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        total += window_nll(logits, batch).cpu()
+    return math.exp(total.item() / (windows.shape[0] * (windows.shape[1] - 1)))

