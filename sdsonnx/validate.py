@@ -1,0 +1,397 @@
+"""`sdsonnx validate`: check an export folder's numerics, sparsity and metadata; collect every failure.
+
+Checks (docs/ARTIFACTS.md):
+  numerics  ONNX Runtime vs PyTorch logits on the same token batches (needs the checkpoint): several lengths,
+            a left-padded batch, and for with-past exports several decode steps through the KV cache;
+            fails when max |logit difference| over unpadded positions exceeds `atol`.
+  weights   every pruned torch weight found in the graph, equal to the checkpoint (with a checkpoint), or
+            equal to the sha256 the metadata recorded (without one).
+  sparsity  each initializer's zero count equals the checkpoint's, and every group of m inputs (axis taken from
+            the consuming MatMul/Gemm node, -0.0 counted as zero) keeps at most n nonzeros.
+  metadata  sdsonnx.* keys present, well-formed, consistent with the weights, the checkpoint and sdsonnx.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from .export import (DATA_FILE, MANIFEST, MODEL_FILE, describe_initializer, global_pattern, load_checkpoint_model,
+                     pruned_weights, read_checkpoint_extras, weights_digest)
+from .masks import nm_violations
+from .onnx_meta import PREFIX, InitializerSparsity, parse_props, read_props
+from .onnx_weights import OnnxWeight, consumers, input_axis, load_initializers, map_weights, torch_layout
+from .onnx_weights import WeightMappingError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ATOL = 1e-3  # max |logit difference| ONNX Runtime vs PyTorch, fp32
+SPARSITY_TOL = 1e-9  # metadata floats vs zeros / numel
+REPORT_TOL = 1e-4  # report.json's recorded per-module sparsity vs the checkpoint weights
+CASES = ((1, (7,)), (1, (24,)), (3, (16, 11, 3)))  # (batch, unpadded lengths per row)
+DECODE_STEPS = 3
+VALIDATION_FILE = "validation.json"
+
+
+@dataclass
+class Failure:
+    check: str  # numerics | weights | sparsity | metadata | manifest | mapping
+    subject: str  # initializer, case or key
+    message: str
+
+
+@dataclass
+class ValidationReport:
+    artifact: str
+    checkpoint: str | None
+    atol: float
+    failures: list[Failure] = field(default_factory=list)
+    numerics: list[dict] = field(default_factory=list)
+    weights: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def fail(self, check: str, subject: str, message: str) -> None:
+        self.failures.append(Failure(check, subject, message))
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "artifact": self.artifact, "checkpoint": self.checkpoint, "atol": self.atol,
+                "failures": [asdict(f) for f in self.failures], "numerics": self.numerics,
+                "weights": self.weights, "notes": self.notes}
+
+
+# ---------------------------------------------------------------- sparsity and weights
+
+def first_group_violation(stored: np.ndarray, axis: int, n: int, m: int) -> tuple[int, str] | None:
+    """(number of groups with > n nonzeros of m along `axis`, description of the first) or None when all pass."""
+    if stored.shape[axis] % m:
+        return 1, f"input axis {axis} has length {stored.shape[axis]}, not a multiple of {m}"
+    t = torch.from_numpy(np.ascontiguousarray(stored))
+    bad = nm_violations(t, n, m, axis=axis)
+    if len(bad) == 0:
+        return None
+    row, group = (int(v) for v in bad[0])
+    lo, hi = group * m, group * m + m
+    block = stored[row, lo:hi] if axis == 1 else stored[lo:hi, row]
+    where = f"[{row}, {lo}:{hi}]" if axis == 1 else f"[{lo}:{hi}, {row}]"
+    return len(bad), (f"stored elements {where} (output {row}, inputs {lo}..{hi - 1}) hold "
+                      f"{int(np.count_nonzero(block))} nonzeros > {n}")
+
+
+def _check_pattern(report: ValidationReport, name: str, label: str, stored: np.ndarray, axis: int,
+                   pattern: str) -> None:
+    if ":" not in pattern:
+        return
+    n, m = (int(x) for x in pattern.split(":"))
+    found = first_group_violation(stored, axis, n, m)
+    if found:
+        count, first = found
+        report.fail("sparsity", name, f"{label}: {count} group(s) break {pattern}; first: {first}")
+
+
+def _first_difference(stored: np.ndarray, expected: np.ndarray) -> str:
+    """Count and first index (stored layout) where two equally shaped arrays differ (-0.0 == 0.0)."""
+    diff = np.argwhere(stored != expected)
+    i, j = (int(v) for v in diff[0])
+    return f"{len(diff)} element(s) differ, first at stored [{i}, {j}]: {stored[i, j]!r} vs {expected[i, j]!r}"
+
+
+def check_against_checkpoint(report: ValidationReport, arrays: dict, uses: dict, weights: dict[str, np.ndarray],
+                             ckpt_report: dict | None) -> dict[str, OnnxWeight]:
+    """Map each torch weight to its initializer; compare values, zero counts and the n:m pattern."""
+    from .export import pattern_name
+
+    found, missing = map_weights(weights, arrays, uses)
+    for module in missing:
+        report.fail("mapping", module, f"no initializer of {MODEL_FILE} holds the weight of {module} "
+                    f"(shape {list(weights[module].shape)} or its transpose, consumed by MatMul/Gemm)")
+    recorded = (ckpt_report or {}).get("modules") or {}
+    for module, link in found.items():
+        name, w = link.initializer, weights[module]
+        stored = arrays[name]
+        label = f"{name} ({module})"
+        expected = w.T if link.axis == 0 else w
+        if not link.exact and stored.shape == expected.shape and np.any(stored != expected):
+            report.fail("weights", name, f"{label} differs from the checkpoint: {_first_difference(stored, expected)}")
+        zeros, zeros_ckpt = int(np.count_nonzero(stored == 0)), int(np.count_nonzero(w == 0))
+        if zeros != zeros_ckpt:
+            report.fail("sparsity", name, f"{label}: sparsity {zeros / stored.size:.6f} ({zeros} zeros) but the "
+                        f"checkpoint has {zeros_ckpt / w.size:.6f} ({zeros_ckpt} zeros)")
+        want = pattern_name(w, 1)
+        rec = recorded.get(module) or {}
+        if ":" in str(rec.get("pattern", "")) and want != "dense":
+            want = str(rec["pattern"])
+            _check_pattern(report, module, f"checkpoint weight {module}", w, 1, want)
+        _check_pattern(report, name, label, stored, link.axis, want)
+        if "sparsity" in rec and abs(float(rec["sparsity"]) - zeros_ckpt / w.size) > REPORT_TOL:
+            report.fail("sparsity", module, f"report.json records sparsity {float(rec['sparsity']):.6f} for {module} "
+                        f"but its checkpoint weight has {zeros_ckpt / w.size:.6f}")
+        report.weights.append({"module": module, "initializer": name, "axis": link.axis, "consumer": link.consumer,
+                               "shape": list(stored.shape), "sparsity": zeros / stored.size, "pattern": want,
+                               "matches_checkpoint": link.exact})
+    return found
+
+
+def check_metadata(report: ValidationReport, proto: onnx.ModelProto, arrays: dict, uses: dict,
+                   expected: dict[str, str] | None, recipe_hash: str | None, source_hash: str | None) -> dict | None:
+    """sdsonnx.* keys present, well-formed and true of the weights. expected: {initializer: module} found by value.
+
+    Without a checkpoint (expected None) this is also the weight check: values against the recorded sha256,
+    the n:m pattern of every group against the recorded pattern.
+    """
+    props = read_props(proto)
+    if not props:
+        report.fail("metadata", "metadata_props", f"{MODEL_FILE} has no {PREFIX}* metadata (stripped or never written)")
+        return None
+    meta, problems = parse_props(props)
+    for problem in problems:
+        key = re.search(r"sdsonnx\.\w+", problem)
+        report.fail("metadata", key.group(0) if key else "metadata", problem)
+    if meta is None:
+        return None
+    entries = meta.initializers
+    if expected is not None:
+        for name, module in expected.items():
+            if name not in entries:
+                report.fail("metadata", name, f"{PREFIX}initializers does not list {name} ({module}), a pruned weight")
+            elif entries[name].module != module:
+                report.fail("metadata", name, f"{PREFIX}initializers[{name}].module is {entries[name].module!r}, "
+                            f"but the weights show it holds {module}")
+        for name in sorted(set(entries) - set(expected)):
+            report.fail("metadata", name, f"{PREFIX}initializers lists {name}, which holds no pruned checkpoint weight")
+    measured: dict[str, InitializerSparsity] = {}
+    satisfied = []
+    for name, entry in sorted(entries.items()):
+        if name not in arrays:
+            report.fail("metadata", name, f"{PREFIX}initializers lists {name}, which is not a 2-D initializer of the graph")
+            continue
+        try:
+            axis, _ = input_axis(name, uses)
+        except WeightMappingError as exc:
+            report.fail("metadata", name, str(exc))
+            continue
+        stored = arrays[name]
+        actual, sat = describe_initializer(entry.module, stored, axis)
+        measured[name] = actual
+        satisfied.append(sat)
+        label = f"{name} ({entry.module})"
+        for key in ("shape", "axis", "zeros", "numel", "pattern"):
+            if getattr(entry, key) != getattr(actual, key):
+                report.fail("metadata", name, f"{PREFIX}initializers[{name}].{key}={getattr(entry, key)!r} but the "
+                            f"weight has {getattr(actual, key)!r}")
+        if entry.sha256 != actual.sha256:
+            report.fail("weights", name, f"{label} changed after export: its sha256 differs from the one in "
+                        f"{PREFIX}initializers")
+        if expected is None:
+            _check_pattern(report, name, label, stored, axis, entry.pattern)
+            report.weights.append({"module": entry.module, "initializer": name, "axis": axis,
+                                   "shape": list(stored.shape), "sparsity": actual.sparsity,
+                                   "pattern": actual.pattern, "matches_metadata": entry.sha256 == actual.sha256})
+    if measured:
+        zeros, numel = sum(e.zeros for e in measured.values()), sum(e.numel for e in measured.values())
+        actual_global = zeros / numel
+        if abs(meta.sparsity - actual_global) > SPARSITY_TOL:
+            report.fail("metadata", PREFIX + "sparsity", f"{PREFIX}sparsity={meta.sparsity!r} but the weights it lists "
+                        f"give {actual_global:.6f} ({zeros}/{numel} zeros)")
+        actual_pattern = global_pattern(satisfied)
+        if meta.pattern != actual_pattern:
+            report.fail("metadata", PREFIX + "pattern", f"{PREFIX}pattern={meta.pattern!r} but the weights it lists "
+                        f"satisfy {actual_pattern!r}")
+    if recipe_hash is not None and meta.recipe_hash != recipe_hash:
+        report.fail("metadata", PREFIX + "recipe_hash", f"{PREFIX}recipe_hash={meta.recipe_hash!r} but the "
+                    f"checkpoint's report.json has {recipe_hash!r}")
+    if source_hash is not None and meta.source_sha256 != source_hash:
+        report.fail("metadata", PREFIX + "source_sha256", f"{PREFIX}source_sha256 does not match the checkpoint's "
+                    f"weights ({meta.source_sha256[:12]}... vs {source_hash[:12]}...): exported from other weights")
+    return {"sparsity": meta.sparsity, "pattern": meta.pattern, "initializers": len(entries),
+            "recipe_hash": meta.recipe_hash, "source_sha256": meta.source_sha256}
+
+
+def check_manifest(report: ValidationReport, folder: Path, meta: dict | None, source_hash: str | None) -> dict | None:
+    """sdsonnx.json present, parseable and agreeing with the model metadata and the checkpoint."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        report.fail("manifest", MANIFEST, f"{folder} has no {MANIFEST}")
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        report.fail("manifest", MANIFEST, f"{MANIFEST} is not valid JSON: {exc}")
+        return None
+    for key in ("task", "source", "sparsity", "modules", "versions"):
+        if key not in manifest:
+            report.fail("manifest", key, f"{MANIFEST} has no {key!r} entry")
+    if meta and "sparsity" in manifest and manifest["sparsity"].get("global") != meta["sparsity"]:
+        report.fail("manifest", "sparsity", f"{MANIFEST} sparsity.global={manifest['sparsity'].get('global')!r} "
+                    f"but {PREFIX}sparsity={meta['sparsity']!r}")
+    recorded = (manifest.get("source") or {}).get("weights_sha256")
+    if source_hash is not None and recorded != source_hash:
+        report.fail("manifest", "source.weights_sha256", f"{MANIFEST} source.weights_sha256 does not match the "
+                    "checkpoint's weights")
+    return manifest
+
+
+# ---------------------------------------------------------------- numerics
+
+def _past_inputs(session, batch: int) -> dict[str, np.ndarray]:
+    """Empty KV-cache inputs [batch, heads, 0, head_dim] for every past_key_values.* input."""
+    feeds = {}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values"):
+            shape = [batch if i == 0 else (0 if i == 2 else d) for i, d in enumerate(inp.shape)]
+            if not all(isinstance(d, int) for d in shape):
+                raise ValueError(f"input {inp.name} has unexpected symbolic dims {inp.shape}")
+            dtype = np.float16 if "float16" in inp.type else np.float32
+            feeds[inp.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def _positions(mask: np.ndarray) -> np.ndarray:
+    """position_ids as Hugging Face generate computes them: cumsum(mask) - 1, 1 at padded positions."""
+    pos = np.cumsum(mask, axis=1) - 1
+    return np.where(mask == 0, 1, pos).astype(np.int64)
+
+
+def _compare(name: str, ort_logits: np.ndarray, pt_logits: np.ndarray, valid: np.ndarray) -> dict:
+    """max/mean |diff| and top-1 agreement over the valid positions of [B, L, V] logits."""
+    a, b = ort_logits[valid], pt_logits[valid]
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
+    return {"case": name, "positions": int(valid.sum()), "max_abs": float(np.nanmax(diff)) if diff.size else 0.0,
+            "mean_abs": float(np.nanmean(diff)) if diff.size else 0.0,
+            "top1_agreement": float(np.mean(a.argmax(-1) == b.argmax(-1))) if diff.size else 1.0, "finite": finite}
+
+
+def check_numerics(report: ValidationReport, model_path: Path, model, pad_id: int, seed: int = 0) -> None:
+    """ONNX Runtime vs PyTorch logits on left-padded random token batches, prefill then KV-cache decode steps."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    with_past = any(n.startswith("past_key_values") for n in names)
+    present = [o.name for o in session.get_outputs() if o.name.startswith("present")]
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(seed)
+    for batch, lengths in CASES:
+        width = max(lengths)
+        ids = np.full((batch, width), pad_id, dtype=np.int64)
+        mask = np.zeros((batch, width), dtype=np.int64)
+        for row, length in enumerate(lengths):
+            ids[row, width - length:] = rng.integers(3, vocab, length)
+            mask[row, width - length:] = 1
+        case = f"batch {batch} len {'/'.join(map(str, lengths))}"
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in names:
+            feeds["position_ids"] = _positions(mask)
+        if with_past:
+            feeds.update(_past_inputs(session, batch))
+        outputs = session.run(["logits", *present], feeds)
+        with torch.no_grad():
+            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                        position_ids=torch.from_numpy(_positions(mask)), use_cache=with_past)
+        _record(report, _compare(f"{case} prefill", outputs[0], out.logits.float().numpy(), mask.astype(bool)))
+        if not with_past:
+            continue
+        past, cache = dict(zip([p.replace("present", "past_key_values") for p in present], outputs[1:])), out.past_key_values
+        for step in range(DECODE_STEPS):
+            token = rng.integers(3, vocab, (batch, 1)).astype(np.int64)
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            pos = _positions(mask)[:, -1:]
+            feeds = {"input_ids": token, "attention_mask": mask, **past}
+            if "position_ids" in names:
+                feeds["position_ids"] = pos
+            outputs = session.run(["logits", *present], feeds)
+            past = dict(zip([p.replace("present", "past_key_values") for p in present], outputs[1:]))
+            with torch.no_grad():
+                out = model(input_ids=torch.from_numpy(token), attention_mask=torch.from_numpy(mask),
+                            position_ids=torch.from_numpy(pos), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            _record(report, _compare(f"{case} decode {step + 1}", outputs[0], out.logits.float().numpy(),
+                                     np.ones((batch, 1), dtype=bool)))
+
+
+def _record(report: ValidationReport, row: dict) -> None:
+    report.numerics.append(row)
+    if not row["finite"]:
+        report.fail("numerics", row["case"], f"{row['case']}: non-finite logits at unpadded positions")
+    elif row["max_abs"] > report.atol:
+        report.fail("numerics", row["case"], f"{row['case']}: max |logit diff| ONNX Runtime vs PyTorch "
+                    f"{row['max_abs']:.3g} > tolerance {report.atol:g} (top-1 agreement {row['top1_agreement']:.3f})")
+
+
+# ---------------------------------------------------------------- entry point
+
+def validate_artifact(folder: str | Path, checkpoint: str | Path | None = None, atol: float = DEFAULT_ATOL,
+                      write: bool = True) -> ValidationReport:
+    """Run every check on the export folder (against `checkpoint` when given); write folder/validation.json."""
+    folder = Path(folder)
+    if not (folder / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has no {MODEL_FILE}: not an sdsonnx export folder")
+    if checkpoint is not None and not (Path(checkpoint) / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} has no config.json")
+    report = ValidationReport(str(folder), None if checkpoint is None else str(checkpoint), atol)
+    proto = onnx.load(folder / MODEL_FILE, load_external_data=False)
+    try:
+        arrays = load_initializers(proto, folder)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        report.fail("weights", DATA_FILE, f"cannot read the weights of {MODEL_FILE}: {exc}")
+        return _finish(report, folder, write)
+    uses = consumers(proto)
+    expected = recipe_hash = source_hash = model = None
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        ckpt_report, _ = read_checkpoint_extras(checkpoint)
+        model = load_checkpoint_model(checkpoint)
+        found = check_against_checkpoint(report, arrays, uses, pruned_weights(model, ckpt_report), ckpt_report)
+        expected = {link.initializer: module for module, link in found.items()}
+        recipe_hash = (ckpt_report or {}).get("recipe_hash") or ""
+        source_hash = weights_digest(checkpoint)
+    meta = check_metadata(report, proto, arrays, uses, expected, recipe_hash, source_hash)
+    check_manifest(report, folder, meta, source_hash)
+    if model is not None:
+        pad = model.config.pad_token_id
+        check_numerics(report, folder / MODEL_FILE, model, 0 if pad is None else int(pad))
+    else:
+        report.notes.append("numerics skipped: no --checkpoint to compare with")
+    return _finish(report, folder, write)
+
+
+def _finish(report: ValidationReport, folder: Path, write: bool) -> ValidationReport:
+    if write:
+        (folder / VALIDATION_FILE).write_text(json.dumps(report.to_json(), indent=2))
+    return report
+
+
+def format_report(report: ValidationReport) -> str:
+    """Text tables: numerics per case, pruned weights summary, then every failure."""
+    from .summary import table
+
+    parts = []
+    if report.numerics:
+        rows = [[r["case"], f"{r['max_abs']:.3g}", f"{r['mean_abs']:.3g}", f"{r['top1_agreement']:.3f}"]
+                for r in report.numerics]
+        parts.append(table(rows, ["numerics case", "max |diff|", "mean |diff|", "top-1 agree"]))
+    if report.weights:
+        sparsity = np.mean([w["sparsity"] for w in report.weights])
+        patterns = sorted({w["pattern"] for w in report.weights})
+        parts.append(f"{len(report.weights)} pruned weights checked, mean sparsity {sparsity:.4f}, "
+                     f"pattern(s) {', '.join(patterns)}")
+    parts += report.notes
+    if report.failures:
+        rows = [[f.check, f.subject, f.message] for f in report.failures]
+        parts.append(table(rows, ["check", "subject", "failure"]))
+        parts.append(f"VALIDATION FAILED: {len(report.failures)} failure(s)")
+    else:
+        parts.append("validation passed")
+    return "\n\n".join(parts)
