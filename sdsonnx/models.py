@@ -50,6 +50,8 @@ def classify_model_source(spec: str) -> str:
     """'builtin' | 'gguf' | 'hf_dir' | 'hub' for a model spec, without loading anything heavy."""
     if spec in BUILTIN_MODELS:
         return "builtin"
+    if not spec.strip():
+        raise ModelSourceError("empty model spec is not a model")
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         if path.is_file():

