@@ -99,3 +99,41 @@ def inspect(model: str) -> None:
     net, _ = load_model(model)
     rows = inspect_rows(net)
     click.echo(table(rows, ["module", "shape", "sparsity", "pattern"]))
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--task", type=click.Choice(["text-generation", "text-generation-with-past"]),
+              default="text-generation-with-past", show_default=True, help="optimum export task.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--external-data", is_flag=True, help="Always write weights to model.onnx_data (automatic above 2 GB).")
+@_fail_cleanly
+def export_(checkpoint: str, out: str, task: str, opset: int | None, external_data: bool) -> None:
+    """Export CHECKPOINT (HF folder) to OUT: model.onnx with sdsonnx.* sparsity metadata, tokenizer, sdsonnx.json."""
+    from .export import ExportError, export_checkpoint
+
+    try:
+        manifest = export_checkpoint(checkpoint, out, task=task, opset=opset, external_data=external_data or None)
+    except ExportError as exc:
+        raise UserError(str(exc)) from None
+    s = manifest["sparsity"]
+    click.echo(f"wrote {out}/ ({manifest['model_file']}{''.join(' + ' + f for f in manifest['external_data'])}, "
+               f"opset {manifest['opset']}): {len(manifest['modules'])} pruned weights, "
+               f"global sparsity {s['global']:.4f}, pattern {s['pattern']}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
+              help="Checkpoint the export came from: enables numerics and exact weight checks.")
+@click.option("--atol", type=float, default=None, help="Max |logit difference| ONNX Runtime vs PyTorch (default 1e-3).")
+@_fail_cleanly
+def validate(out: str, checkpoint: str | None, atol: float | None) -> None:
+    """Check the export in OUT (numerics, N:M sparsity, metadata); write OUT/validation.json; exit 2 on failure."""
+    from .validate import DEFAULT_ATOL, format_report, validate_artifact
+
+    report = validate_artifact(out, checkpoint, atol=DEFAULT_ATOL if atol is None else atol)
+    click.echo(format_report(report))
+    if not report.ok:
+        sys.exit(EXIT_BAD_INPUT)

@@ -42,7 +42,7 @@ class ExportError(ValueError):
 
 def satisfied_patterns(stored: np.ndarray, axis: int) -> list[str]:
     """The standard n:m patterns (tightest first) that every group of m inputs along `axis` satisfies."""
-    t = torch.from_numpy(np.ascontiguousarray(stored))
+    t = torch.from_numpy(np.require(stored, requirements=["C", "W"]))
     if not bool((t == 0).any()):
         return []
     return [f"{n}:{m}" for n, m in STANDARD_NM

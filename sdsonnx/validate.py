@@ -75,7 +75,7 @@ def first_group_violation(stored: np.ndarray, axis: int, n: int, m: int) -> tupl
     """(number of groups with > n nonzeros of m along `axis`, description of the first) or None when all pass."""
     if stored.shape[axis] % m:
         return 1, f"input axis {axis} has length {stored.shape[axis]}, not a multiple of {m}"
-    t = torch.from_numpy(np.ascontiguousarray(stored))
+    t = torch.from_numpy(np.require(stored, requirements=["C", "W"]))
     bad = nm_violations(t, n, m, axis=axis)
     if len(bad) == 0:
         return None
