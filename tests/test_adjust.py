@@ -97,3 +97,66 @@ def test_rejects_a_start_outside_the_pattern():
     w_dense, h = _problem()
     with pytest.raises(ValueError):
         soft_mask_adjust(w_dense, w_dense, h, Pattern.parse("2:4"))
+
+
+# --- second prune (paper Sec. 2.3): early exit, adjustment, never worse than the first prune -------------------
+
+from sdsonnx.prune import prune  # noqa: E402
+from sdsonnx.sds.second_prune import second_prune  # noqa: E402
+from sdsonnx.stats import LayerStats  # noqa: E402
+
+
+def _stats(d_in=32, n_tokens=256, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.eye(d_in) + 0.5 * torch.randn(d_in, d_in, generator=gen) / d_in ** 0.5
+    stats = LayerStats(d_in)
+    stats.add(torch.randn(n_tokens, d_in, generator=gen) @ mix)
+    return stats, torch.randn(16, d_in, generator=gen)
+
+
+def test_second_prune_early_exit_when_one_shot_already_wins():
+    stats, w_dense = _stats()
+    pattern = Pattern.parse("2:4")
+    bad_first = w_dense * select_mask(-w_dense.abs(), pattern)  # keeps the smallest weights
+    w, info = second_prune("magnitude", w_dense, w_dense, bad_first, stats, pattern, adjust=True)
+    assert info["early_exit"] and info["kept"] == "second" and info["loss_adjusted"] is None
+    assert torch.equal(w, w_dense * select_mask(w_dense.abs(), pattern))
+    assert info["loss_second"] < info["loss_first"]
+
+
+def test_second_prune_adjusts_when_the_one_shot_prune_does_not_win():
+    stats, w_dense = _stats()
+    pattern = Pattern.parse("0.5")
+    first, _ = prune("magnitude", w_dense, stats, pattern)  # the re-dense equals dense: second == first
+    w, info = second_prune("magnitude", w_dense, w_dense, first, stats, pattern, adjust=True, max_iter=50)
+    assert not info["early_exit"] and info["kept"] == "adjusted"
+    assert info["loss_second"] == pytest.approx(info["loss_first"])
+    assert reconstruction_loss(w, w_dense, stats.hessian) < info["loss_first"]
+    assert satisfies_pattern(w, pattern, per_row=False)  # magnitude ranks matrix-wide: adjusted matrix-wide
+
+
+@pytest.mark.parametrize("adjust", [True, False])
+def test_second_prune_keeps_the_first_when_the_redense_is_bad(adjust):
+    stats, w_dense = _stats()
+    pattern = Pattern.parse("0.5")
+    h = stats.hessian
+    first, _ = soft_mask_adjust(w_dense, w_dense * select_mask(w_dense.abs(), pattern), h, pattern, max_iter=200)
+    bad_redense = -5.0 * w_dense.flip(1)  # unrelated weights
+    w, info = second_prune("wanda", w_dense, bad_redense, first, stats, pattern, adjust=adjust, max_iter=2)
+    assert info["kept"] == "first" and not info["early_exit"] and torch.equal(w, first)
+    assert info["loss_second"] > info["loss_first"]
+    if adjust:
+        assert info["loss_first"] <= info["loss_adjusted"] <= info["loss_second"]
+    else:
+        assert info["loss_adjusted"] is None
+
+
+def test_second_prune_with_sparsegpt_blockwise_masks():
+    stats, w_dense = _stats(d_in=64)
+    pattern = Pattern.parse("0.6")
+    first = w_dense * select_mask(w_dense.abs(), pattern)
+    noisy = w_dense + 0.3 * torch.randn(w_dense.shape, generator=torch.Generator().manual_seed(1))
+    w, info = second_prune("sparsegpt", w_dense, noisy, first, stats, pattern, adjust=True, max_iter=20)
+    assert info["kept"] in ("second", "adjusted")  # magnitude first prune is weak; the result must beat it
+    assert reconstruction_loss(w, w_dense, stats.hessian) < info["loss_first"]
+    assert int((w != 0).sum()) <= w.numel() - round(0.6 * w.numel())

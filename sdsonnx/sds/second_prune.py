@@ -1,0 +1,42 @@
+"""Second pruning of SDS (paper Sec. 2.3): prune the re-dense weights again, adjust, never worse than the first.
+
+All comparisons use R(W) = tr((W - W_dense) H (W - W_dense)^T) with the same H (the stage's input statistics).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..pattern import Pattern
+from ..prune import prune
+from ..stats import LayerStats
+from .adjust import satisfies_pattern, soft_mask_adjust
+from .objective import reconstruction_loss
+
+
+def second_prune(method: str, w_dense: torch.Tensor, w_redense: torch.Tensor, w_first: torch.Tensor,
+                 stats: LayerStats, pattern: Pattern, adjust: bool = True, max_iter: int = 100,
+                 tol: float = 1e-6) -> tuple[torch.Tensor, dict]:
+    """W [d_out, d_in]: prune(method, W_redense) (Eq. 5's W^sparse-2nd), soft-mask adjusted unless it already beats
+    W_first (early exit); the first prune is kept when neither beats it on R."""
+    if not (w_dense.shape == w_redense.shape == w_first.shape) or w_dense.dim() != 2:
+        raise ValueError(f"w_dense {tuple(w_dense.shape)}, w_redense {tuple(w_redense.shape)} and w_first "
+                         f"{tuple(w_first.shape)} must be the same 2-D shape")
+    h = stats.hessian.to(w_dense.device)
+    w_ref = w_dense.float()
+    w_second, _ = prune(method, w_redense.float(), stats, pattern)
+    w_second = w_second.float()
+    r_first = reconstruction_loss(w_first.float(), w_ref, h)
+    r_second = reconstruction_loss(w_second, w_ref, h)
+    info = {"loss_first": r_first, "loss_second": r_second, "loss_adjusted": None, "early_exit": r_second < r_first,
+            "adjust_iterations": 0, "mask_changes": 0}
+    if info["early_exit"]:
+        return w_second, {**info, "kept": "second"}
+    if adjust:
+        # SparseGPT's unstructured masks are exact per column block, not per row: adjust matrix-wide then
+        per_row = pattern.is_nm or satisfies_pattern(w_second, pattern, per_row=True)
+        w_adj, adj = soft_mask_adjust(w_ref, w_second, h, pattern, max_iter=max_iter, tol=tol, per_row=per_row)
+        info.update(loss_adjusted=adj["loss_after"], adjust_iterations=adj["iterations"],
+                    mask_changes=adj["mask_changes"], adjust_per_row=per_row)
+        if adj["loss_after"] < r_first:
+            return w_adj, {**info, "kept": "adjusted"}
+    return w_first.float().clone(), {**info, "kept": "first"}
