@@ -137,3 +137,46 @@ def validate(out: str, checkpoint: str | None, atol: float | None) -> None:
     click.echo(format_report(report))
     if not report.ok:
         sys.exit(EXIT_BAD_INPUT)
+
+
+@main.command()
+@click.argument("sparse_out", required=False, type=click.Path())
+@click.option("--dense", "dense_out", type=click.Path(), default=None, help="Dense export to compare against.")
+@click.option("--engine", "engines", default="deepsparse,onnxruntime", show_default=True,
+              help="Comma-separated engines: deepsparse, onnxruntime.")
+@click.option("--batch", default=1, show_default=True)
+@click.option("--seq", "seqs", default="128,512", show_default=True, help="Comma-separated prefill lengths.")
+@click.option("--decode", default=32, show_default=True,
+              help="Decode steps per repetition (one token each, cache of min(--seq)); 0 skips decode.")
+@click.option("--threads", type=int, default=None, help="Threads/cores per engine (default: all available).")
+@click.option("--warmup", default=2, show_default=True)
+@click.option("--reps", default=10, show_default=True)
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Where bench.json and bench.png go (default SPARSE_OUT/bench).")
+@click.option("--setup-deepsparse", is_flag=True, help="Create .venv-deepsparse (deepsparse 1.8.0) and exit if no SPARSE_OUT.")
+@_fail_cleanly
+def bench(sparse_out, dense_out, engines, batch, seqs, decode, threads, warmup, reps, output, setup_deepsparse) -> None:
+    """Prefill latency/throughput and decode tokens/s of SPARSE_OUT (vs --dense) in DeepSparse and ONNX Runtime."""
+    from pathlib import Path
+
+    from .bench import (BenchError, DeepSparseCompatError, DeepSparseUnavailable, bench_table, run_bench,
+                        setup_deepsparse as make_venv, write_outputs)
+
+    try:
+        if setup_deepsparse:
+            click.echo(f"DeepSparse ready: {make_venv()}")
+            if sparse_out is None:
+                return
+        if sparse_out is None:
+            raise BenchError("give SPARSE_OUT (an export folder), or --setup-deepsparse")
+        try:
+            seq_list = tuple(int(s) for s in seqs.split(",") if s.strip())
+        except ValueError:
+            raise BenchError(f"--seq must be comma-separated integers, got {seqs!r}") from None
+        doc = run_bench(sparse_out, dense_out, tuple(e.strip() for e in engines.split(",") if e.strip()), batch,
+                        seq_list, decode, threads, warmup, reps)
+    except (BenchError, DeepSparseUnavailable, DeepSparseCompatError) as exc:
+        raise UserError(str(exc)) from None
+    json_path, png_path = write_outputs(doc, output or Path(sparse_out) / "bench")
+    click.echo(bench_table(doc))
+    click.echo(f"\nwrote {json_path} and {png_path}")

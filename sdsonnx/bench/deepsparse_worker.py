@@ -1,0 +1,84 @@
+"""DeepSparse side of `sdsonnx bench`: run by the python of the DeepSparse venv, never imported by sdsonnx.
+
+Usage: python deepsparse_worker.py JOB.json RESULT.json
+
+It imports only the standard library, numpy and deepsparse (DeepSparse 1.8.0 needs numpy<2 and onnx<1.15, so it
+cannot share the core environment, and its native assertions kill the process: the parent survives and reports).
+JOB.json:
+  {"threads": T, "warmup": W, "reps": R, "steps": K, "rtol": x, "atol": y,
+   "inputs": "inputs.npz", "input_names": [...],            # arrays in the model's input order
+   "models": [{"label": "dense", "path": "copy.onnx", "reference": "ref.npz"}, ...]}
+Every model is compiled, its outputs are checked against the reference (ONNX Runtime on the same inputs), then
+all models are timed interleaved: W + R rounds, each round runs every model K times back to back, alternating the
+order of the models each round. RESULT.json: {"models": {label: {"compile_s", "max_abs_err", "max_ref",
+"check_ok", "times_s": [R per-round seconds]}}, "deepsparse": version}. Exit code 3: a check failed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+
+import numpy as np  # noqa: E402
+
+
+def _check(outputs, reference, rtol: float, atol: float) -> tuple[float, float, bool]:
+    """(max |out - ref|, max |ref|, all close): outputs in the model's output order, reference keyed by position."""
+    errs, refs, ok = [0.0], [0.0], True
+    for i, out in enumerate(outputs):
+        ref = reference[f"out{i}"]
+        if out.shape != ref.shape:
+            return float("inf"), 0.0, False
+        diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+        errs.append(float(diff.max()) if diff.size else 0.0)
+        refs.append(float(np.abs(ref).max()) if ref.size else 0.0)
+        ok = ok and bool(np.all(diff <= atol + rtol * np.abs(ref.astype(np.float64))))
+    return max(errs), max(refs), ok
+
+
+def main(job_path: str, result_path: str) -> int:
+    from deepsparse import Engine, __version__
+
+    job = json.loads(open(job_path).read())
+    data = np.load(job["inputs"])
+    inputs = [np.ascontiguousarray(data[name]) for name in job["input_names"]]
+    shapes = [list(x.shape) for x in inputs]
+    batch = shapes[0][0] if shapes and shapes[0] else 1
+    result = {"deepsparse": __version__, "models": {}}
+    engines = {}
+    failed = False
+    for spec in job["models"]:
+        t0 = time.perf_counter()
+        engine = Engine(spec["path"], batch_size=batch, num_cores=job["threads"], input_shapes=shapes)
+        compile_s = time.perf_counter() - t0
+        outputs = engine.run(inputs, val_inp=False)
+        err, ref, ok = _check(outputs, np.load(spec["reference"]), job["rtol"], job["atol"])
+        result["models"][spec["label"]] = {"compile_s": compile_s, "max_abs_err": err, "max_ref": ref,
+                                           "check_ok": ok, "times_s": []}
+        failed = failed or not ok
+        engines[spec["label"]] = engine
+        print(f"compiled {spec['label']} in {compile_s:.1f}s, max abs err {err:.3g}", file=sys.stderr, flush=True)
+    if not failed:
+        labels = list(engines)
+        for round_ in range(job["warmup"] + job["reps"]):
+            for label in (labels if round_ % 2 == 0 else labels[::-1]):
+                engine = engines[label]
+                t0 = time.perf_counter()
+                for _ in range(job["steps"]):
+                    engine.run(inputs, val_inp=False)
+                elapsed = time.perf_counter() - t0
+                if round_ >= job["warmup"]:
+                    result["models"][label]["times_s"].append(elapsed)
+    with open(result_path, "w") as f:
+        json.dump(result, f, indent=2)
+    return 3 if failed else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(sys.argv[1], sys.argv[2]))
