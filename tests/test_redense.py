@@ -46,7 +46,7 @@ def test_soft_threshold():
 def test_gram_reaches_ridge_closed_form_when_l1_is_zero():
     w_dense, w_init, _, h = _problem()
     l2 = 0.1
-    w, info = redense_gram(w_dense, w_init, h, 0.0, l2, max_iter=2000, tol=1e-12)
+    w, info = redense_gram(w_dense, w_init, h, 0.0, l2, max_iter=2000, tol=1e-7)
     # normal equations of tr(D H D^T)/hbar + l2 |W|^2: W (H + l2 hbar I) = W_dense H
     closed = torch.linalg.solve((h + l2 * input_scale(h) * torch.eye(32)).double(), (h @ w_dense.T).double()).T
     assert (w.double() - closed).abs().max() < 1e-4
@@ -57,7 +57,7 @@ def test_gram_reaches_ridge_closed_form_when_l1_is_zero():
 @pytest.mark.parametrize("l1,l2", [(0.1, 0.1), (1.0, 0.1), (0.5, 0.0)])
 def test_gram_solution_satisfies_kkt(l1, l2):
     w_dense, w_init, _, h = _problem()
-    w, info = redense_gram(w_dense, w_init, h, l1, l2, max_iter=5000, tol=1e-10)
+    w, info = redense_gram(w_dense, w_init, h, l1, l2, max_iter=2000, tol=1e-7)
     n, s = w.numel(), weight_scale(w_dense)
     grad = redense_smooth_gradient(w, w_dense, h, l2) * n  # subgradient of n J: grad + l1 s sign(w) ∋ 0
     tol = 1e-3 * l1 * s
@@ -75,21 +75,22 @@ def test_gram_iteration_budget_keeps_the_start_relevant():
     assert info["loss_after"] < info["loss_before"]
 
 
-def test_same_l1_gives_similar_near_zero_share_across_size_and_scale():
+@pytest.mark.parametrize("l1,floor", [(0.1, 0.03), (1.0, 0.3)])  # measured: ~0.06 and ~0.42
+def test_same_l1_gives_similar_near_zero_share_across_size_and_scale(l1, floor):
     shares = []
     for d_out, d_in, xs, ws in [(16, 32, 1.0, 1.0), (64, 128, 30.0, 0.01), (32, 256, 0.05, 3.0)]:
         w_dense, w_init, _, h = _problem(d_out, d_in, 8 * d_in, xs, ws, seed=d_in)
-        w, _ = redense_gram(w_dense, w_init, h, 1.0, 0.1, max_iter=3000, tol=1e-9)
+        w, _ = redense_gram(w_dense, w_init, h, l1, 0.1, max_iter=2000, tol=1e-7)
         shares.append(near_zero_share(w, w_dense))
-    assert min(shares) > 0.2 and max(shares) - min(shares) < 0.08, shares
+    assert min(shares) > floor and max(shares) - min(shares) < 0.2 * min(shares), shares
 
 
 def test_sgd_decreases_objective_and_lands_near_gram():
     w_dense, w_init, x, h = _problem(8, 16, 512)
     l1, l2 = 0.1, 0.1
-    ref, _ = redense_gram(w_dense, w_init, h, l1, l2, max_iter=3000, tol=1e-10)
+    ref, _ = redense_gram(w_dense, w_init, h, l1, l2, max_iter=2000, tol=1e-7)
     for opt in ("adam", "sgd"):
-        w, info = redense_sgd(w_dense, w_init, x, l1, l2, epochs=150, lr=0.05, batch_size=128, optimizer=opt)
+        w, info = redense_sgd(w_dense, w_init, x, l1, l2, epochs=100, lr=0.05, batch_size=256, optimizer=opt)
         assert info["loss_after"] < info["loss_before"]
         assert info["loss_after"] < redense_objective(ref, w_dense, h, l1, l2) * (1 + 1e-4), opt
         assert (w - ref).norm() / ref.norm() < 0.005, opt
