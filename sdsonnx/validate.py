@@ -26,7 +26,7 @@ from .export import (DATA_FILE, MANIFEST, MODEL_FILE, describe_initializer, glob
                      pruned_weights, read_checkpoint_extras, weights_digest)
 from .masks import nm_violations
 from .onnx_meta import PREFIX, InitializerSparsity, parse_props, read_props
-from .onnx_weights import OnnxWeight, consumers, input_axis, load_initializers, map_weights, torch_layout
+from .onnx_weights import OnnxWeight, consumers, input_axis, load_initializers, map_weights
 from .onnx_weights import WeightMappingError
 
 log = logging.getLogger(__name__)
