@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,6 +217,25 @@ def keep_first_blocks(config: PretrainedConfig, num_blocks: int | None) -> Pretr
     return config
 
 
+@contextmanager
+def _without_unused_weights_warning():
+    """Drop transformers' list of checkpoint weights left unused (every cut block) while loading.
+
+    A filter, not a higher logger level: transformers runs (and mutates) its TP-plan check when
+    modeling_utils' level is WARNING or above.
+    """
+    logger = logging.getLogger("transformers.modeling_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "were not used when initializing" not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32,
                num_blocks: int | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model in eval mode with use_cache False, tokenizer) from any source; num_blocks keeps the first k blocks."""
@@ -229,7 +249,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32,
         folder = str(resolve_model_dir(spec)) if kind != "hub" else spec
         config = keep_first_blocks(AutoConfig.from_pretrained(folder), num_blocks)
         config.use_cache = False
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype)
+        with _without_unused_weights_warning():
+            model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     model.config.use_cache = False
     model.eval()

@@ -108,7 +108,13 @@ def test_builtin_smollm2_loads_and_predicts_wikipedia():
     assert logits.shape[-1] == 49152 and torch.isfinite(logits).all()
     assert tokenizer("Hello world")["input_ids"] == [19556, 905]  # GGUF says add_bos_token false
     assert tokenizer.eos_token == "<|im_end|>"
-    del small
+    from sdsonnx.models import builtin_gguf_path
+
+    direct, direct_tokenizer = load_model(str(builtin_gguf_path()), num_blocks=2)  # the GGUF source, dequantized
+    assert len(direct.model.layers) == 2 and direct_tokenizer("Hello world")["input_ids"] == [19556, 905]
+    for name, param in small.state_dict().items():
+        assert torch.equal(param, direct.state_dict()[name]), name
+    del small, direct
 
     model, tokenizer = load_model("smollm2-135m")
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
