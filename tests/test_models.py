@@ -121,3 +121,18 @@ def test_builtin_smollm2_loads_and_predicts_wikipedia():
     windows = evaluation_windows(tokenizer, load_split_texts("wiki-extracts", "evaluation"), 256, 4 * 256)
     assert windows.shape == (4, 256)
     assert perplexity(model, windows, progress=False) < 30
+
+
+def test_builtin_dir_reuses_only_a_finished_conversion(tmp_path):
+    from sdsonnx.models import _FORMAT, _is_current, builtin_smollm2_dir
+
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "sdsonnx-source.json").write_text(json.dumps({"format": _FORMAT}))
+    assert builtin_smollm2_dir(done) == done  # reused: no conversion started
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "model.safetensors").write_bytes(b"partial")
+    assert not _is_current(unfinished)
+    (unfinished / "sdsonnx-source.json").write_text(json.dumps({"format": _FORMAT - 1}))
+    assert not _is_current(unfinished)
