@@ -127,13 +127,15 @@ def export_(checkpoint: str, out: str, task: str, opset: int | None, external_da
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--checkpoint", type=click.Path(file_okay=False), default=None,
               help="Checkpoint the export came from: enables numerics and exact weight checks.")
-@click.option("--atol", type=float, default=None, help="Max |logit difference| ONNX Runtime vs PyTorch (default 1e-3).")
+@click.option("--atol", type=float, default=None, help="Absolute logit tolerance ORT vs PyTorch (default 1e-3).")
+@click.option("--rtol", type=float, default=None, help="Added tolerance per unit of max |logit| (default 1e-3).")
 @_fail_cleanly
-def validate(out: str, checkpoint: str | None, atol: float | None) -> None:
+def validate(out: str, checkpoint: str | None, atol: float | None, rtol: float | None) -> None:
     """Check the export in OUT (numerics, N:M sparsity, metadata); write OUT/validation.json; exit 2 on failure."""
-    from .validate import DEFAULT_ATOL, format_report, validate_artifact
+    from .validate import DEFAULT_ATOL, DEFAULT_RTOL, format_report, validate_artifact
 
-    report = validate_artifact(out, checkpoint, atol=DEFAULT_ATOL if atol is None else atol)
+    report = validate_artifact(out, checkpoint, atol=DEFAULT_ATOL if atol is None else atol,
+                               rtol=DEFAULT_RTOL if rtol is None else rtol)
     click.echo(format_report(report))
     if not report.ok:
         sys.exit(EXIT_BAD_INPUT)
