@@ -18,8 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .deepsparse_compat import write_deepsparse_copy
+import onnx
+
+from .deepsparse_compat import save_model, write_deepsparse_copy
 from .deepsparse_env import DeepSparseUnavailable, crash_summary, find_deepsparse_python, run_worker
+from .graphs import strip_past
 from .timing import interleaved_times, paired_speedup, summarize
 from .workload import BenchError, Case, ModelInfo, load_model_info, make_feeds, work_share
 
@@ -57,49 +60,56 @@ def machine_info(threads: int) -> dict:
             "python": platform.python_version()}
 
 
-def _run_onnxruntime(models: dict[str, ModelInfo], cases: list[Case], threads: int, warmup: int, reps: int,
-                     workdir: Path, seed: int, timed: bool = True) -> tuple[list[dict], dict]:
+def _run_onnxruntime(models: dict[str, ModelInfo], graphs: dict, cases: list[Case], threads: int, warmup: int,
+                     reps: int, workdir: Path, seed: int, timed: bool = True) -> tuple[list[dict], dict]:
     """Time every case in ONNX Runtime (unless not `timed`); save each model's outputs per case (DeepSparse's references)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    sessions = {label: ort.InferenceSession(str(info.path), opts, providers=["CPUExecutionProvider"])
-                for label, info in models.items()}
+    sessions: dict = {}
     timings, refs = [], {}
     for case in cases:
+        if any(phase != case.phase for _, phase in sessions):
+            sessions.clear()  # one phase's sessions in memory at a time
+        for label in models:
+            if (label, case.phase) not in sessions:
+                sessions[(label, case.phase)] = ort.InferenceSession(str(graphs[(label, case.phase)]), opts,
+                                                                     providers=["CPUExecutionProvider"])
         feeds = make_feeds(next(iter(models.values())), case, seed)
-        for label, sess in sessions.items():
+        current = {label: sessions[(label, case.phase)] for label in models}
+        for label, sess in current.items():
             outputs = sess.run(None, feeds)
             refs[(case.key, label)] = workdir / f"ref-{case.key}-{label}.npz"
             np.savez(refs[(case.key, label)], **{f"out{i}": o for i, o in enumerate(outputs)})
         if not timed:
             continue
-        runs = {label: (lambda s=sess: s.run(None, feeds)) for label, sess in sessions.items()}
+        runs = {label: (lambda s=sess: s.run(None, feeds)) for label, sess in current.items()}
         log.info("onnxruntime %s: timing %s", case.key, ", ".join(runs))
         timings.append({"case": case, "times": interleaved_times(runs, case.steps, warmup, reps), "check": {}})
     return timings, refs
 
 
-def _run_deepsparse(python: Path, models: dict[str, ModelInfo], cases: list[Case], refs: dict, threads: int,
-                    warmup: int, reps: int, workdir: Path, seed: int) -> tuple[list[dict], list[dict], dict]:
+def _run_deepsparse(python: Path, models: dict[str, ModelInfo], graphs: dict, cases: list[Case], refs: dict,
+                    threads: int, warmup: int, reps: int, workdir: Path, seed: int) -> tuple[list[dict], list[dict], dict]:
     """Time every case in the DeepSparse worker; returns (timings, errors, rewrites applied per model)."""
     compat, rewrites = {}, {}
-    for label, info in models.items():
-        compat[label] = workdir / f"deepsparse-{label}.onnx"
-        rewrites[label] = write_deepsparse_copy(info.path, compat[label])
+    for (label, phase), path in graphs.items():
+        if phase in {c.phase for c in cases}:
+            compat[(label, phase)] = workdir / f"deepsparse-{label}-{phase}.onnx"
+            changes = write_deepsparse_copy(path, compat[(label, phase)])
+            rewrites[label] = sorted(set(rewrites.get(label, [])) | set(changes))
     timings, errors = [], []
-    input_names = [spec.name for spec in next(iter(models.values())).inputs]
     for case in cases:
         feeds = make_feeds(next(iter(models.values())), case, seed)
         np.savez(workdir / f"in-{case.key}.npz", **feeds)
         specs = []
         for label in models:  # a fresh copy per case: DeepSparse's Engine rewrites the file it is given
             copy = workdir / f"ds-{case.key}-{label}.onnx"
-            shutil.copyfile(compat[label], copy)
+            shutil.copyfile(compat[(label, case.phase)], copy)
             specs.append({"label": label, "path": str(copy), "reference": str(refs[(case.key, label)])})
         job = {"threads": threads, "warmup": warmup, "reps": reps, "steps": case.steps, "rtol": RTOL, "atol": ATOL,
-               "inputs": str(workdir / f"in-{case.key}.npz"), "input_names": input_names, "models": specs}
+               "inputs": str(workdir / f"in-{case.key}.npz"), "input_names": list(feeds), "models": specs}
         job_path, result_path = workdir / f"job-{case.key}.json", workdir / f"result-{case.key}.json"
         job_path.write_text(json.dumps(job))
         log.info("deepsparse %s: compiling and timing %s", case.key, ", ".join(models))
@@ -121,6 +131,17 @@ def _run_deepsparse(python: Path, models: dict[str, ModelInfo], cases: list[Case
     return timings, errors, rewrites
 
 
+def _phase_graphs(models: dict[str, ModelInfo], workdir: Path) -> dict:
+    """(label, phase) -> ONNX file: decode runs the export itself, prefill its graph without past (graphs.strip_past)."""
+    graphs = {}
+    for label, info in models.items():
+        graphs[(label, "decode")] = graphs[(label, "prefill")] = info.path
+        if info.with_past:
+            graphs[(label, "prefill")] = workdir / f"{label}-prefill.onnx"
+            save_model(strip_past(onnx.load(info.path)), graphs[(label, "prefill")])
+    return graphs
+
+
 def _records(engine: str, models: dict[str, ModelInfo], timings: list[dict]) -> list[dict]:
     """Flat rows: one per (engine, model, case), the sparse row with its speed-up and the limits."""
     rows = []
@@ -134,8 +155,9 @@ def _records(engine: str, models: dict[str, ModelInfo], timings: list[dict]) -> 
                    "seq": case.seq, "past": case.past, "steps": case.steps, "tokens": case.tokens, **stats,
                    "latency_ms": 1000 * stats["median_s"] / case.steps,
                    "tokens_per_s": case.tokens / stats["median_s"],
-                   "compile_s": check.get("compile_s"), "max_abs_err_vs_ort": check.get("max_abs_err")}
-            if label == "sparse" and "dense" in times:
+                   "compile_s": check.get("compile_s"), "max_abs_err_vs_ort": check.get("max_abs_err"),
+                   "supported_ops": check.get("supported_ops")}
+            if label != "dense" and "dense" in times:
                 row.update(paired_speedup(times["dense"], times["sparse"]))
                 row.update(work_share(info, case))
             rows.append(row)
@@ -150,19 +172,30 @@ def run_bench(sparse: str | Path, dense: str | Path | None = None, engines: tupl
     A missing DeepSparse venv is logged and recorded under "skipped" (ONNX Runtime still runs) unless it is the
     only engine asked for, which raises DeepSparseUnavailable.
     """
+    paths = {"sparse": sparse} if dense is None else {"dense": dense, "sparse": sparse}
+    return bench_models(paths, engines, batch, seqs, decode, threads, warmup, reps, seed, deepsparse_python)
+
+
+def bench_models(paths: dict[str, str | Path], engines: tuple[str, ...] = ENGINES, batch: int = 1,
+                 seqs: tuple[int, ...] = (128, 512), decode: int = 32, threads: int | None = None, warmup: int = 2,
+                 reps: int = 10, seed: int = 0, deepsparse_python: Path | None = None) -> dict:
+    """Benchmark several exports of one model (label -> export), all interleaved; "dense" is the speed-up base."""
     unknown = [e for e in engines if e not in ENGINES]
     if unknown or not engines:
         raise BenchError(f"unknown engine(s) {unknown or '(none)'}: choose from {', '.join(ENGINES)}")
     if reps < 1 or warmup < 0:
         raise BenchError(f"need reps >= 1 and warmup >= 0, got {reps} and {warmup}")
+    if not paths:
+        raise BenchError("no model to benchmark")
     threads = threads or len(os.sched_getaffinity(0))
-    models = {"sparse": load_model_info(sparse)}
-    if dense is not None:
-        models = {"dense": load_model_info(dense), "sparse": models["sparse"]}
-        a, b = models["dense"], models["sparse"]
-        if [(i.name, i.dims) for i in a.inputs] != [(i.name, i.dims) for i in b.inputs] or a.outputs != b.outputs:
-            raise BenchError(f"{a.path} and {b.path} have different inputs/outputs: not the same exported model")
-    cases = bench_cases(models["sparse"], batch, tuple(seqs), decode)
+    models = {label: load_model_info(path, None if label in ("dense", "sparse") else label)
+              for label, path in paths.items()}
+    first = next(iter(models.values()))
+    for other in models.values():
+        if [(i.name, i.dims) for i in first.inputs] != [(i.name, i.dims) for i in other.inputs] \
+                or first.outputs != other.outputs:
+            raise BenchError(f"{first.path} and {other.path} have different inputs/outputs: not the same exported model")
+    cases = bench_cases(first, batch, tuple(seqs), decode)
     doc = {"format": "sdsonnx-bench/1", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": machine_info(threads), "warmup": warmup, "reps": reps, "seed": seed,
            "models": {label: {"path": str(m.path), "label": m.label, "sparsity": m.sparsity, "pattern": m.pattern,
@@ -179,7 +212,8 @@ def run_bench(sparse: str | Path, dense: str | Path | None = None, engines: tupl
             doc["skipped"]["deepsparse"] = str(exc)
     with tempfile.TemporaryDirectory(prefix="sdsonnx-bench-") as tmp:
         workdir = Path(tmp)
-        timings, refs = _run_onnxruntime(models, cases, threads, warmup, reps, workdir, seed,
+        graphs = _phase_graphs(models, workdir)
+        timings, refs = _run_onnxruntime(models, graphs, cases, threads, warmup, reps, workdir, seed,
                                          timed="onnxruntime" in engines)
         if "onnxruntime" in engines:
             import onnxruntime
@@ -187,7 +221,7 @@ def run_bench(sparse: str | Path, dense: str | Path | None = None, engines: tupl
             doc["engines"]["onnxruntime"] = {"version": onnxruntime.__version__}
             doc["records"] += _records("onnxruntime", models, timings)
         if ds_python is not None:
-            ds_timings, errors, rewrites = _run_deepsparse(ds_python, models, cases, refs, threads, warmup, reps,
+            ds_timings, errors, rewrites = _run_deepsparse(ds_python, models, graphs, cases, refs, threads, warmup, reps,
                                                            workdir, seed)
             doc["engines"]["deepsparse"] = {"python": str(ds_python), "rewrites": rewrites,
                                             "version": next((t.get("version") for t in ds_timings), None)}

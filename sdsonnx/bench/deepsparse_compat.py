@@ -15,10 +15,11 @@ relabelled IR 9 (IR 10 adds only types and function features that these exports 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import onnx
-from onnx import shape_inference
+from onnx import helper, shape_inference
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,26 @@ class DeepSparseCompatError(ValueError):
     """A model DeepSparse 1.8.0 cannot load even after the rewrites (bad input for the DeepSparse engine)."""
 
 
+def _weightless(model: onnx.ModelProto, max_elements: int = 4096) -> onnx.ModelProto:
+    """A copy whose large initializers are graph inputs of the same type and shape (shape inference needs no data)."""
+    light = onnx.ModelProto()
+    light.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import))
+    graph = onnx.GraphProto()
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL or math.prod(init.dims) > max_elements:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            graph.initializer.append(init)
+    light.graph.CopyFrom(graph)
+    return light
+
+
 def _static_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Tensor name -> dims (int, or None where symbolic/unknown), from ONNX shape inference and initializers."""
-    inferred = shape_inference.infer_shapes(model, data_prop=True)
+    inferred = shape_inference.infer_shapes(_weightless(model), data_prop=True)
     graph = inferred.graph
     dims: dict[str, list[int | None]] = {}
     for value in list(graph.input) + list(graph.value_info) + list(graph.output):
@@ -84,6 +102,16 @@ def make_deepsparse_compatible(model: onnx.ModelProto) -> list[str]:
     return changes
 
 
+def save_model(model: onnx.ModelProto, dst: str | Path) -> None:
+    """Save to `dst`, weights in `dst`_data next to it when the model is too big for one protobuf (2 GB)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() >= 2**31 - 2**20:
+        onnx.save_model(model, dst, save_as_external_data=True, location=dst.name + "_data")
+    else:
+        onnx.save_model(model, dst)
+
+
 def write_deepsparse_copy(src: str | Path, dst: str | Path) -> list[str]:
     """Load the ONNX file `src` (with its external data), make it DeepSparse-compatible, save to `dst`.
 
@@ -94,11 +122,7 @@ def write_deepsparse_copy(src: str | Path, dst: str | Path) -> list[str]:
         raise FileNotFoundError(f"{src} does not exist")
     model = onnx.load(src)
     changes = make_deepsparse_compatible(model)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() >= 2**31 - 2**20:
-        onnx.save_model(model, dst, save_as_external_data=True, location=dst.name + "_data")
-    else:
-        onnx.save_model(model, dst)
+    save_model(model, dst)
     for change in changes:
         log.info("%s: %s", dst.name, change)
     return changes

@@ -97,7 +97,8 @@ def run_worker(python: Path, job: Path, result: Path, timeout_s: float = 3600) -
     for line in lines:
         if line.startswith("compiled"):
             log.info("deepsparse: %s", line)
-    return WorkerRun(proc.returncode, "\n".join(lines[-15:]))
+    keep = [ln for ln in lines if "Assertion at" in ln] + lines[-15:]
+    return WorkerRun(proc.returncode, "\n".join(keep))
 
 
 def crash_summary(run: WorkerRun) -> str:

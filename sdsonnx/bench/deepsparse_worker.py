@@ -11,7 +11,7 @@ JOB.json:
 Every model is compiled, its outputs are checked against the reference (ONNX Runtime on the same inputs), then
 all models are timed interleaved: W + R rounds, each round runs every model K times back to back, alternating the
 order of the models each round. RESULT.json: {"models": {label: {"compile_s", "max_abs_err", "max_ref",
-"check_ok", "times_s": [R per-round seconds]}}, "deepsparse": version}. Exit code 3: a check failed.
+"check_ok", "supported_ops", "times_s": [R per-round seconds]}}, "deepsparse": version}. Exit code 3: a check failed.
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def main(job_path: str, result_path: str) -> int:
         outputs = engine.run(inputs, val_inp=False)
         err, ref, ok = _check(outputs, np.load(spec["reference"]), job["rtol"], job["atol"])
         result["models"][spec["label"]] = {"compile_s": compile_s, "max_abs_err": err, "max_ref": ref,
-                                           "check_ok": ok, "times_s": []}
+                                           "check_ok": ok, "times_s": [],
+                                           "supported_ops": getattr(engine, "fraction_of_supported_ops", None)}
         failed = failed or not ok
         engines[spec["label"]] = engine
         print(f"compiled {spec['label']} in {compile_s:.1f}s, max abs err {err:.3g}", file=sys.stderr, flush=True)

@@ -75,9 +75,10 @@ def bench_chart(doc: dict, path: str | Path) -> Path:
                         for e, p, s, past in groups], fontsize=8)
     ax.set_ylabel("tokens / s (median)")
     ax.set_yscale("log")
-    sparse = doc["models"].get("sparse", {})
-    ax.set_title(f"{sparse.get('label', '')}: sparsity {sparse.get('sparsity', 0):.0%} ({sparse.get('pattern', '')}), "
-                 f"{doc['machine']['threads']} threads", fontsize=10)
+    sparse = doc["models"].get("sparse")
+    what = (f"{sparse['label']}: sparsity {sparse['sparsity']:.0%} ({sparse['pattern']})" if sparse
+            else ", ".join(doc["models"]))
+    ax.set_title(f"{what}, {doc['machine']['threads']} threads", fontsize=10)
     ax.legend()
     fig.tight_layout()
     path = Path(path)

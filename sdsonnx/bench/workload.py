@@ -117,7 +117,10 @@ def load_model_info(target: str | Path, label: str | None = None) -> ModelInfo:
 
 
 def make_feeds(info: ModelInfo, case: Case, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for one case: random token ids, all-ones mask, positions past..past+seq-1, random KV cache [B,h,past,d]."""
+    """Inputs for one case: random token ids, all-ones mask, positions past..past+seq-1, random KV cache [B,h,past,d].
+
+    With past == 0 the cache inputs are left out: prefill runs the graph without them (graphs.strip_past).
+    """
     rng = np.random.default_rng(seed)
     b, s, p = case.batch, case.seq, case.past
     if p and not info.with_past:
@@ -130,6 +133,8 @@ def make_feeds(info: ModelInfo, case: Case, seed: int = 0) -> dict[str, np.ndarr
             arr = np.ones((b, p + s))
         elif spec.name == "position_ids":
             arr = np.broadcast_to(np.arange(p, p + s), (b, s))
+        elif not p:
+            continue
         else:
             heads, head_dim = spec.dims[1], spec.dims[3]
             if not (isinstance(heads, int) and isinstance(head_dim, int)):
