@@ -206,6 +206,16 @@ def test_bench_end_to_end_onnxruntime(exports, tmp_path):
     assert "speedup" in res.output and "bench.png" in res.output
 
 
+def test_bench_models_several_sparse_variants_against_one_dense(exports):
+    from sdsonnx.bench.core import bench_models
+
+    doc = bench_models({"dense": exports["llama_dense"], "24": exports["llama_24"], "24b": exports["llama_24"]},
+                       engines=("onnxruntime",), seqs=(4,), decode=0, warmup=0, reps=2, threads=1)
+    rows = {r["role"]: r for r in doc["records"]}
+    assert set(rows) == {"dense", "24", "24b"} and "speedup" not in rows["dense"]
+    assert rows["24"]["speedup"] > 0 and rows["24b"]["limit_ideal"] == pytest.approx(2.0)
+
+
 def test_missing_deepsparse_is_a_clear_message_and_onnxruntime_still_runs(exports, tmp_path):
     env = {"SDSONNX_DEEPSPARSE_PYTHON": str(tmp_path / "nowhere" / "python")}
     out = tmp_path / "b"

@@ -158,7 +158,7 @@ def _records(engine: str, models: dict[str, ModelInfo], timings: list[dict]) -> 
                    "compile_s": check.get("compile_s"), "max_abs_err_vs_ort": check.get("max_abs_err"),
                    "supported_ops": check.get("supported_ops")}
             if label != "dense" and "dense" in times:
-                row.update(paired_speedup(times["dense"], times["sparse"]))
+                row.update(paired_speedup(times["dense"], times[label]))
                 row.update(work_share(info, case))
             rows.append(row)
     return rows
