@@ -29,7 +29,7 @@ from .workload import BenchError, Case, ModelInfo, load_model_info, make_feeds, 
 log = logging.getLogger(__name__)
 
 ENGINES = ("onnxruntime", "deepsparse")
-RTOL, ATOL = 1e-3, 2e-3  # DeepSparse vs ONNX Runtime, elementwise: |ds - ort| <= ATOL + RTOL * |ort|
+RTOL, ATOL = 5e-3, 1e-3  # DeepSparse vs ONNX Runtime, per output: max|ds - ort| <= ATOL + RTOL * max|ort|
 
 
 def bench_cases(info: ModelInfo, batch: int, seqs: tuple[int, ...], decode: int) -> list[Case]:
