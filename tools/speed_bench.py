@@ -69,6 +69,19 @@ def pruned_export(base: Path, pattern: str | None, out: Path) -> Path:
     return out
 
 
+def relimit(path: Path) -> None:
+    """Recompute work share and limits of every sparse record in `path` from its export (workload.work_share)."""
+    from sdsonnx.bench.workload import Case, load_model_info, work_share
+
+    doc = json.loads(path.read_text())
+    infos = {}
+    for row in doc["records"]:
+        if "speedup" in row:
+            info = infos.setdefault(row["path"], load_model_info(row["path"]))
+            row.update(work_share(info, Case(row["phase"], row["batch"], row["seq"], row["past"], row["steps"])))
+    path.write_text(json.dumps(doc, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdsonnx-speed"))
@@ -79,7 +92,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "benchmarks" / "speed.json")
+    parser.add_argument("--relimit-only", action="store_true",
+                        help="Only recompute the speed-up limits of the records in --json (exports must still exist).")
     args = parser.parse_args()
+    if args.relimit_only:
+        relimit(args.json)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args.work.mkdir(parents=True, exist_ok=True)
     seqs = tuple(int(s) for s in args.seq.split(","))

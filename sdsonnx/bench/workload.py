@@ -96,13 +96,15 @@ def load_model_info(target: str | Path, label: str | None = None) -> ModelInfo:
               for i in model.graph.input]
     init = {t.name: t for t in model.graph.initializer}
     weights, vocab = {}, int(config.get("vocab_size") or 0)
+    # a tied LM head is often Transpose(embedding) -> MatMul: count it as the embedding's weight
+    via = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in init}
     for node in model.graph.node:
         if node.op_type in ("MatMul", "Gemm"):
             for name in node.input[:2]:
-                t = init.get(name)
-                if t is not None and len(t.dims) == 2 and t.data_type in _FLOAT and name not in weights:
+                t = init.get(via.get(name, name))
+                if t is not None and len(t.dims) == 2 and t.data_type in _FLOAT and t.name not in weights:
                     arr = numpy_helper.to_array(t, base_dir=str(folder))
-                    weights[name] = (int(arr.size), int(np.count_nonzero(arr == 0)))
+                    weights[t.name] = (int(arr.size), int(np.count_nonzero(arr == 0)))
         if not vocab and node.op_type == "Gather" and node.input[1] == "input_ids" and node.input[0] in init:
             vocab = int(init[node.input[0]].dims[0])
     if not vocab:
