@@ -68,7 +68,14 @@ def run(recipe: str, output: str | None, no_progress: bool) -> None:
     out = Path(parsed.output or Path("runs") / Path(recipe).stem)
     report = run_recipe(parsed, out, recipe, progress=not no_progress)
     click.echo(run_summary(report))
-    click.echo(f"\nwrote {out}/ (model.safetensors, recipe.resolved.yaml, report.json)")
+    written = ["model.safetensors", "recipe.resolved.yaml", "report.json"]
+    written += [report["weight_figure"]["file"]] if "weight_figure" in report else []
+    written += ["onnx/"] if "export" in report else []
+    click.echo(f"\nwrote {out}/ ({', '.join(written)})")
+    validation = (report.get("export") or {}).get("validation")
+    if validation is not None and not validation["ok"]:
+        click.echo("ONNX validation failed:\n  " + "\n  ".join(validation["failures"]), err=True)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 @main.command("eval")

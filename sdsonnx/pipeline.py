@@ -53,6 +53,8 @@ class PipelineResult:
     stage_seconds: list[float] = field(default_factory=list)
     snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # version -> {name: W}
     block_sparsity: list[float] | None = None  # OWL profile, when used
+    figure_module: str | None = None  # the module whose every version is kept for the weight figure
+    figure_versions: list[torch.Tensor] = field(default_factory=list)  # [dense, after stage 1, ...] on CPU
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,6 +71,14 @@ def stream_key(recipe: Recipe, index: int) -> StreamKey:
     stage = recipe.stages[index]
     version = {"self": index + 1, "sparse": 1, "dense": 0}[stage.data]
     return StreamKey(version, stage.calibration_part)
+
+
+def figure_module(choice: str | None, targets: dict[int, dict[str, nn.Linear]]) -> str | None:
+    """The module drawn in the weight figure: `choice`, or for 'auto' the last target of the last block."""
+    if choice != "auto":
+        return choice
+    names = [name for mods in targets.values() for name in mods]
+    return names[-1] if names else None
 
 
 def module_pattern(stage: PruneStage, block: int, name: str, block_sparsity: list[float] | None) -> Pattern:
@@ -136,7 +146,8 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
     act_dtype = DTYPES[recipe.activation_dtype]
     inputs = capture_block_inputs(model, calibration, act_dtype)
     first = recipe.first_prune
-    result = PipelineResult(stage_seconds=[0.0] * len(recipe.stages))
+    result = PipelineResult(stage_seconds=[0.0] * len(recipe.stages),
+                            figure_module=figure_module(recipe.weight_figure, targets))
     if first.profile == "owl":
         result.block_sparsity = owl_block_sparsity(blocks, targets, inputs, first, device)
         log.info("OWL block sparsity: %s", ", ".join(f"{s:.3f}" for s in result.block_sparsity))
@@ -195,4 +206,6 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
     for name in linears:
         entry = result.modules[name]
         entry["sparsity"], entry["error"] = entry["stages"][-1]["sparsity"], entry["stages"][-1]["error"]
+    if result.figure_module in linears:
+        result.figure_versions = [v[result.figure_module].cpu().clone() for v in versions]
     return versions

@@ -68,6 +68,8 @@ def target_problems(recipe: Recipe, shapes: dict[int, dict[str, tuple[int, int]]
     problems += [f"{path}: ignore: {p!r} matches no Linear in the decoder blocks" for p in unmatched_patterns(names, recipe.ignore)]
     if not select_targets(names, recipe.targets, recipe.ignore):
         problems.append(f"{path}: targets/ignore leave no module to prune")
+    if recipe.weight_figure not in (None, "auto") and recipe.weight_figure not in select_targets(names, recipe.targets, recipe.ignore):
+        problems.append(f"{path}: weight_figure: {recipe.weight_figure!r} is not a module the recipe prunes")
     first = recipe.first_prune
     for i, ov in enumerate(first.overrides):
         if ov.modules is not None and not select_targets(names, [ov.modules], []):

@@ -135,7 +135,9 @@ class SecondPruneStage(_Strict):
     """Paper Eq. 5: prune the re-dense weights with the first prune's method and pattern, then adjust."""
 
     kind: Literal["second_prune"]
-    adjust: bool = Field(True, description="Soft-mask weight adjustment (skipped where the one-shot prune wins).")
+    adjust: bool = Field(True, description="Soft-mask weight adjustment of the second-pruned weights (Eq. 5).")
+    early_exit: bool = Field(True, description="Skip the adjustment where the one-shot second prune already beats "
+                                               "the first prune on the layer objective (paper Sec. 2.3).")
     max_iter: int = Field(100, gt=0)
     tol: float = Field(1e-6, ge=0)
     data: DataMode = Field("sparse", description=_DATA_HELP)
@@ -165,6 +167,9 @@ class Recipe(_Strict):
     stages: list[Stage] = Field(min_length=1)
     output: str | None = None
     export: Export | None = None
+    weight_figure: str | None = Field(
+        "auto", description="Target module whose weight distribution after each stage is drawn to weights.png "
+                            "(paper Fig. 1); auto = the last target Linear of the last block, null = no figure.")
 
     _re = field_validator("targets", "ignore")(lambda v: v if v is None else [_check_regex(x) for x in v])
 

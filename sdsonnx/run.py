@@ -45,14 +45,14 @@ def _swap_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> d
     return previous
 
 
-def step_perplexities(model, windows, recipe: Recipe, result: PipelineResult) -> dict[str, float]:
+def step_perplexities(model, windows, recipe: Recipe, result: PipelineResult, progress: bool = True) -> dict[str, float]:
     """Perplexity of the model after each intermediate stage (paper Table 3), the final one excluded."""
-    figures = {}
+    steps = {}
     for version, weights in sorted(result.snapshots.items()):
         final = _swap_weights(model, weights)
-        figures[f"after_{version}_{recipe.stages[version - 1].kind}"] = perplexity(model, windows)
+        steps[f"after_{version}_{recipe.stages[version - 1].kind}"] = perplexity(model, windows, progress=progress)
         _swap_weights(model, final)
-    return figures
+    return steps
 
 
 def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", progress: bool = True) -> dict:
@@ -70,7 +70,7 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
     ppl: dict[str, float] = {}
     if windows is not None and recipe.evaluation.dense:
         t0 = time.perf_counter()
-        ppl["dense"] = perplexity(model, windows)
+        ppl["dense"] = perplexity(model, windows, progress=progress)
         wall["eval_dense"] = time.perf_counter() - t0
         log.info("dense perplexity %.3f", ppl["dense"])
 
@@ -82,8 +82,8 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
 
     if windows is not None:
         t0 = time.perf_counter()
-        ppl.update(step_perplexities(model, windows, recipe, result))
-        ppl["pruned"] = perplexity(model, windows)
+        ppl.update(step_perplexities(model, windows, recipe, result, progress))
+        ppl["pruned"] = perplexity(model, windows, progress=progress)
         wall["eval_pruned"] = time.perf_counter() - t0
         log.info("pruned perplexity %.3f", ppl["pruned"])
 
@@ -92,15 +92,45 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
     tokenizer.save_pretrained(output)
     (output / "recipe.resolved.yaml").write_text(recipe.to_yaml())
     report = build_report(recipe, result, ppl, wall, windows, calibration)
+    if result.figure_versions:
+        report["weight_figure"] = {"module": result.figure_module, "file": draw_weight_figure(recipe, result, ppl, output).name}
     (output / "report.json").write_text(json.dumps(report, indent=2))
     if recipe.export is not None:
-        from .export import export_checkpoint
-
-        t0 = time.perf_counter()
-        export_checkpoint(output, output / "onnx", task=recipe.export.task, opset=recipe.export.opset)
-        report["wall_seconds"]["export"] = time.perf_counter() - t0
+        report.update(export_run(recipe, output, report["wall_seconds"]))
         (output / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def export_run(recipe: Recipe, output: Path, wall: dict) -> dict:
+    """Export the run's checkpoint to output/onnx and validate it when the recipe asks; report entries."""
+    from .export import export_checkpoint
+    from .validate import validate_artifact
+
+    t0 = time.perf_counter()
+    export_checkpoint(output, output / "onnx", task=recipe.export.task, opset=recipe.export.opset)
+    wall["export"] = round(time.perf_counter() - t0, 3)
+    if not recipe.export.validate_artifact:
+        return {"export": {"folder": "onnx", "validation": None}}
+    t0 = time.perf_counter()
+    checked = validate_artifact(output / "onnx", output)
+    wall["validate"] = round(time.perf_counter() - t0, 3)
+    failures = [f"{f.check}: {f.subject}: {f.message}" for f in checked.failures]
+    return {"export": {"folder": "onnx", "validation": {"ok": checked.ok, "failures": failures}}}
+
+
+def version_perplexities(recipe: Recipe, ppl: dict[str, float]) -> list[float | None]:
+    """Perplexity of every weight version [dense, after stage 1, ..., final] where it was measured, else None."""
+    last = len(recipe.stages)
+    steps = [ppl.get(f"after_{v}_{recipe.stages[v - 1].kind}") for v in range(1, last)]
+    return [ppl.get("dense"), *steps, ppl.get("pruned")]
+
+
+def draw_weight_figure(recipe: Recipe, result: PipelineResult, ppl: dict[str, float], output: Path) -> Path:
+    """weights.png: the chosen module's nonzero weights after each stage (paper Figure 1)."""
+    from .figures import FIGURE_FILE, panel_titles, weight_figure
+
+    titles = panel_titles([s.kind for s in recipe.stages], version_perplexities(recipe, ppl))
+    return weight_figure(result.figure_module, result.figure_versions, titles, output / FIGURE_FILE)
 
 
 def build_report(recipe: Recipe, result: PipelineResult, ppl: dict, wall: dict, windows, calibration) -> dict:

@@ -54,37 +54,41 @@ def soft_mask_adjust(w_dense: torch.Tensor, w_pruned: torch.Tensor, hessian: tor
     w_ref = w_dense.float()
     h = hessian.float().to(w_ref.device)
     lip = 2.0 * largest_eigenvalue(h)
-    target = w_ref @ h
+    target = w_ref @ h  # W_dense H; the gradient of R at W is 2 (W H - W_dense H)
 
-    def grad_loss(w: torch.Tensor) -> tuple[torch.Tensor, float]:
-        wh = w @ h - target  # (W - W_dense) H
-        return 2.0 * wh, float(((w - w_ref) * wh).sum())
+    def loss(w: torch.Tensor, wh: torch.Tensor) -> float:
+        return float(((w - w_ref) * (wh - target)).sum())  # tr((W - W_dense) H (W - W_dense)^T)
+
+    def step(w: torch.Tensor, wh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One projected gradient step from w (wh = w H): (new W, its mask, new W H): one matrix product."""
+        new, mask = _project(w - 2.0 * (wh - target) / lip, pattern, per_row)
+        return new, mask, new @ h
 
     x = w_pruned.float().to(w_ref.device).clone()
+    xh = x @ h
     mask = x != 0
-    loss_before = float(((x - w_ref) * (x @ h - target)).sum())
+    loss_before = loss(x, xh)
     best, best_loss, best_iter = x, loss_before, 0
     if lip <= 0:  # H = 0: every W has R = 0
-        return x, {"loss_before": loss_before, "loss_after": loss_before, "iterations": 0, "mask_changes": 0,
-                   "restarts": 0, "seconds": time.perf_counter() - start}
-    x_prev, loss_x, t, iters, changes, restarts = x, loss_before, 1.0, 0, 0, 0
+        return x, {"loss_before": loss_before, "loss_after": loss_before, "iterations": 0, "best_iteration": 0,
+                   "mask_changes": 0, "restarts": 0, "seconds": time.perf_counter() - start}
+    # momentum point y = x + beta (x - x_prev) is linear in x, so y H comes from the cached products
+    x_prev, xh_prev, loss_x, t, iters, changes, restarts = x, xh, loss_before, 1.0, 0, 0, 0
     for iters in range(1, max_iter + 1):
         t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-        y = x + ((t - 1.0) / t_new) * (x - x_prev)
-        g, _ = grad_loss(y)
-        x_new, new_mask = _project(y - g / lip, pattern, per_row)
-        _, loss_new = grad_loss(x_new)
+        beta = (t - 1.0) / t_new
+        x_new, new_mask, xh_new = step(x + beta * (x - x_prev), xh + beta * (xh - xh_prev))
+        loss_new = loss(x_new, xh_new)
         if loss_new > loss_x:  # momentum overshot: plain projected step from x (monotone), reset momentum
             restarts += 1
-            g, _ = grad_loss(x)
-            x_new, new_mask = _project(x - g / lip, pattern, per_row)
-            _, loss_new = grad_loss(x_new)
+            x_new, new_mask, xh_new = step(x, xh)
+            loss_new = loss(x_new, xh_new)
             t_new = 1.0
         changes += int((new_mask != mask).sum())
         if callback is not None:
             callback(iters, x_new, new_mask)
         rel = float((x_new - x).norm()) / max(float(x.norm()), 1e-30)
-        x_prev, x, mask, loss_x, t = x, x_new, new_mask, loss_new, t_new
+        x_prev, xh_prev, x, xh, mask, loss_x, t = x, xh, x_new, xh_new, new_mask, loss_new, t_new
         if loss_x < best_loss:
             best, best_loss, best_iter = x, loss_x, iters
         if rel < tol:

@@ -15,7 +15,7 @@ from .objective import reconstruction_loss
 
 def second_prune(method: str, w_dense: torch.Tensor, w_redense: torch.Tensor, w_first: torch.Tensor,
                  stats: LayerStats, pattern: Pattern, adjust: bool = True, max_iter: int = 100,
-                 tol: float = 1e-6) -> tuple[torch.Tensor, dict]:
+                 tol: float = 1e-6, early_exit: bool = True) -> tuple[torch.Tensor, dict]:
     """W [d_out, d_in]: prune(method, W_redense) (Eq. 5's W^sparse-2nd), soft-mask adjusted unless it already beats
     W_first (early exit); the first prune is kept when neither beats it on R."""
     if not (w_dense.shape == w_redense.shape == w_first.shape) or w_dense.dim() != 2:
@@ -27,8 +27,8 @@ def second_prune(method: str, w_dense: torch.Tensor, w_redense: torch.Tensor, w_
     w_second = w_second.float()
     r_first = reconstruction_loss(w_first.float(), w_ref, h)
     r_second = reconstruction_loss(w_second, w_ref, h)
-    info = {"loss_first": r_first, "loss_second": r_second, "loss_adjusted": None, "early_exit": r_second < r_first,
-            "adjust_iterations": 0, "mask_changes": 0}
+    info = {"loss_first": r_first, "loss_second": r_second, "loss_adjusted": None,
+            "early_exit": early_exit and r_second < r_first, "adjust_iterations": 0, "mask_changes": 0}
     if info["early_exit"]:
         return w_second, {**info, "kept": "second"}
     if adjust:
@@ -37,6 +37,8 @@ def second_prune(method: str, w_dense: torch.Tensor, w_redense: torch.Tensor, w_
         w_adj, adj = soft_mask_adjust(w_ref, w_second, h, pattern, max_iter=max_iter, tol=tol, per_row=per_row)
         info.update(loss_adjusted=adj["loss_after"], adjust_iterations=adj["iterations"],
                     mask_changes=adj["mask_changes"], adjust_per_row=per_row)
-        if adj["loss_after"] < r_first:
+        if adj["loss_after"] < min(r_first, r_second):
             return w_adj, {**info, "kept": "adjusted"}
+    if r_second < r_first:
+        return w_second, {**info, "kept": "second"}
     return w_first.float().clone(), {**info, "kept": "first"}
