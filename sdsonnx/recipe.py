@@ -77,8 +77,8 @@ def _nm_pattern(value: str) -> Pattern:
 
 DataMode = Literal["self", "sparse", "dense"]
 _DATA_HELP = ("Which model's activations feed the statistics: self = this stage's own output model (sequential, "
-              "SparseGPT style; KD for SDS stages), sparse = the first prune's output (the paper's SD), dense = the "
-              "unpruned model (DD).")
+              "SparseGPT style; Eq. 5's 'second-pruned model' for second_prune, KD for redense), sparse = the first "
+              "prune's output (the paper's SD data), dense = the unpruned model (DD).")
 
 
 class Owl(_Strict):
@@ -121,7 +121,7 @@ class RedenseStage(_Strict):
     solver: Literal["gram", "sgd"] = "gram"
     l1: float = Field(0.1, ge=0)
     l2: float = Field(0.1, ge=0)
-    max_iter: int = Field(200, gt=0, description="gram: FISTA iteration cap.")
+    max_iter: int = Field(50, gt=0, description="gram: FISTA iteration cap (a budget: the start stays relevant).")
     tol: float = Field(1e-5, ge=0, description="gram: stop when the relative change is below tol.")
     epochs: int = Field(200, gt=0, description="sgd: passes over the calibration tokens (paper: 200).")
     lr: float = Field(0.1, gt=0, description="sgd: learning rate (paper: 0.1).")
@@ -136,11 +136,12 @@ class SecondPruneStage(_Strict):
 
     kind: Literal["second_prune"]
     adjust: bool = Field(True, description="Soft-mask weight adjustment of the second-pruned weights (Eq. 5).")
-    early_exit: bool = Field(True, description="Skip the adjustment where the one-shot second prune already beats "
-                                               "the first prune on the layer objective (paper Sec. 2.3).")
-    max_iter: int = Field(100, gt=0)
+    early_exit: bool = Field(False, description="Skip the adjustment where the one-shot second prune already beats "
+                                                "the first prune on the layer objective (the paper's shortcut for "
+                                                "models above 3B; on SmolLM2 it costs quality, docs/BENCHMARKS.md).")
+    max_iter: int = Field(100, gt=0, description="Adjustment iterations (projected gradient steps).")
     tol: float = Field(1e-6, ge=0)
-    data: DataMode = Field("sparse", description=_DATA_HELP)
+    data: DataMode = Field("self", description=_DATA_HELP)
     calibration_part: int = Field(0, ge=0)
 
 

@@ -32,14 +32,18 @@ PROTOCOL = {
     "calibration": {"source": "wiki-extracts", "segments": 64, "length": 512, "seed": 0},
     "evaluation": {"source": "wiki-extracts", "window": 512, "max_tokens": 40960},
 }
-# SDS variants: the Table 6 data modes, weight regularisation off, and the sgd solver.
+# SDS variants: (redense fields, second_prune fields, calibration fields). "sd" is the default recipe: re-dense on
+# the first-pruned model's activations (SD), second prune + adjustment on the second-pruned model's (Eq. 5).
 SDS_VARIANTS = {
-    "sd": {},
-    "dd": {"data": "dense"},
-    "kd": {"data": "self"},
-    "msd": {"msd": True},
-    "nowr": {"l1": 0.0, "l2": 0.0},
-    "sgd": {"solver": "sgd"},
+    "sd": ({}, {}, {}),
+    "kd": ({"data": "self"}, {}, {}),  # re-dense on the re-dense model's own activations (Table 6 "KD")
+    "dd": ({"data": "dense"}, {"data": "dense"}, {}),  # both steps on the dense model's activations
+    "msd": ({"calibration_part": 1}, {"calibration_part": 2}, {"parts": 3}),  # other samples per step
+    "nowr": ({"l1": 0.0, "l2": 0.0}, {}, {}),  # no weight regularisation
+    "sdadj": ({}, {"data": "sparse"}, {}),  # adjustment on the first-pruned model's activations too
+    "ee": ({}, {"early_exit": True}, {}),  # the paper's early exit
+    "rd200": ({"max_iter": 200}, {}, {}),  # 4x the re-dense iteration budget
+    "sgd": ({"solver": "sgd", "epochs": 10}, {}, {}),  # the paper's minibatch solver (10 of its 200 epochs)
 }
 
 
@@ -47,32 +51,34 @@ def pattern_fields(pattern: str) -> dict:
     return {"pattern": pattern} if ":" in pattern else {"sparsity": float(pattern)}
 
 
+def parse_case(case: str) -> tuple[bool, str, str, str]:
+    """'METHOD:PATTERN[:VARIANT]' or 'sds-METHOD:PATTERN[:VARIANT]' -> (sds, method, pattern, variant)."""
+    head, *rest = case.split(":")
+    pattern = ":".join(rest[:2]) if len(rest) >= 2 and rest[1].isdigit() else (rest[0] if rest else "")
+    extra = rest[2:] if ":" in pattern else rest[1:]
+    sds = head.startswith("sds-")
+    variant = extra[0] if extra else ("sd" if sds else "")
+    if not pattern or (variant and variant != "owl" and variant not in SDS_VARIANTS) or (variant in SDS_VARIANTS and not sds):
+        raise ValueError(f"bad case {case!r}: METHOD:PATTERN[:owl] or sds-METHOD:PATTERN[:owl|{'|'.join(SDS_VARIANTS)}]")
+    return sds, head.removeprefix("sds-"), pattern, variant
+
+
 def case_recipe(case: str) -> dict:
-    """'dense' | 'METHOD:PATTERN[:owl]' | 'sds-METHOD:PATTERN[:VARIANT|owl]' -> recipe dict (protocol included)."""
-    recipe = json.loads(json.dumps(PROTOCOL))
-    recipe["evaluation"]["dense"] = case == "dense"
-    recipe["evaluation"]["each_step"] = True
+    """A case -> recipe dict on the fixed protocol ('dense' is measured by DENSE_SNIPPET instead)."""
     if case == "dense":
         raise ValueError("the dense model is measured by DENSE_SNIPPET, not by a pruning run")
-    head, *rest = case.split(":")
-    sds = head.startswith("sds-")
-    method = head.removeprefix("sds-")
-    pattern = ":".join(rest[:2]) if len(rest) >= 2 and rest[1].isdigit() else rest[0]
-    extra = rest[2:] if ":" in pattern else rest[1:]
-    variant = extra[0] if extra else ("sd" if sds else "")
+    sds, method, pattern, variant = parse_case(case)
+    recipe = json.loads(json.dumps(PROTOCOL))
+    recipe["evaluation"].update(dense=False, each_step=True)
+    recipe["weight_figure"] = "auto" if sds else None
     prune = {"kind": "prune", "method": method, **pattern_fields(pattern)}
     if variant == "owl":
         prune["profile"] = "owl"
     recipe["stages"] = [prune]
     if sds:
-        opts = dict(SDS_VARIANTS.get(variant, {}))
-        data = opts.pop("data", "sparse")
-        redense = {"kind": "redense", "data": data, **{k: v for k, v in opts.items() if k != "msd"}}
-        second = {"kind": "second_prune", "data": data}
-        if opts.get("msd"):
-            recipe["calibration"]["parts"] = 3
-            redense["calibration_part"], second["calibration_part"] = 1, 2
-        recipe["stages"] += [redense, second]
+        redense, second, calibration = SDS_VARIANTS.get(variant, ({}, {}, {}))
+        recipe["calibration"].update(calibration)
+        recipe["stages"] += [{"kind": "redense", **redense}, {"kind": "second_prune", **second}]
     return recipe
 
 
@@ -110,7 +116,7 @@ def run_case(case: str, sdsonnx: str) -> dict:
         "model": PROTOCOL["model"],
         "method": ("sds-" if len(report["stages"]) > 1 else "") + report["method"],
         "pattern": report["pattern"],
-        "variant": case.split(":")[-1] if case.split(":")[-1] in {*SDS_VARIANTS, "owl"} else ("sd" if case.startswith("sds-") else ""),
+        "variant": parse_case(case)[3] if case != "dense" else "",
         "profile": report["profile"],
         "calibration": PROTOCOL["calibration"],
         "evaluation": PROTOCOL["evaluation"],
@@ -120,9 +126,20 @@ def run_case(case: str, sdsonnx: str) -> dict:
         "prune_seconds": round(report["wall_seconds"].get("prune", 0.0), 1),
         "stage_seconds": {k: v for k, v in report["wall_seconds"].items() if k.startswith("stage_")},
         "peak_rss_mib": round(report["peak_rss_bytes"] / 2**20),
+        "second_prune_kept": kept_counts(report),
         "git_commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def kept_counts(report: dict) -> dict[str, int]:
+    """How many Linears kept the first prune, the one-shot second prune or the adjusted weights."""
+    counts: dict[str, int] = {}
+    for module in report.get("modules", {}).values():
+        kept = module["stages"][-1].get("kept")
+        if kept:
+            counts[kept] = counts.get(kept, 0) + 1
+    return counts
 
 
 DENSE_SNIPPET = f"""
@@ -147,16 +164,28 @@ def save_records(records: list[dict]) -> None:
     JSON_PATH.write_text(json.dumps(records, indent=1) + "\n")
 
 
+def base_of(record: dict, records: list[dict]) -> dict | None:
+    """The one-shot run an SDS run starts from: same base method, pattern and profile."""
+    if not record["method"].startswith("sds-"):
+        return None
+    key = (record["method"].removeprefix("sds-"), record["pattern"], record["profile"])
+    return next((r for r in records if (r["method"], r["pattern"], r["profile"]) == key), None)
+
+
 def markdown_table(records: list[dict]) -> str:
-    base_time = {(r["method"], r["pattern"]): r["prune_seconds"] for r in records if not r["method"].startswith("sds-") and r["profile"] == "uniform"}
-    rows = ["| method | pattern | variant | perplexity | steps (first prune / re-dense) | wall s | prune s | SDS/base time | peak RSS MiB | commit |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    """One row per record; SDS rows carry their perplexity change and time ratios against their base run."""
+    rows = ["| method | pattern | variant | perplexity | vs base | steps: first prune / re-dense | wall s | "
+            "SDS/base wall | prune s | SDS/base prune | peak RSS MiB | commit |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        base = base_of(r, records)
         steps = " / ".join(f"{v:.2f}" for v in r["perplexity_steps"].values()) or "-"
-        base = base_time.get((r["method"].removeprefix("sds-"), r["pattern"]))
-        ratio = f"{r['prune_seconds'] / base:.2f}x" if r["method"].startswith("sds-") and base else "-"
-        rows.append(f"| {r['method']} | {r['pattern']} | {r['variant'] or r['profile']} | {r['perplexity']:.2f} | {steps} | "
-                    f"{r['wall_seconds']:.0f} | {r['prune_seconds']:.0f} | {ratio} | {r['peak_rss_mib']} | {r['git_commit']} |")
+        change = f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}%" if base else "-"
+        wall = f"{r['wall_seconds'] / base['wall_seconds']:.2f}x" if base else "-"
+        prune = f"{r['prune_seconds'] / base['prune_seconds']:.2f}x" if base and base["prune_seconds"] else "-"
+        rows.append(f"| {r['method']} | {r['pattern']} | {r['variant'] or r['profile']} | {r['perplexity']:.2f} | "
+                    f"{change} | {steps} | {r['wall_seconds']:.0f} | {wall} | {r['prune_seconds']:.0f} | {prune} | "
+                    f"{r['peak_rss_mib']} | {r['git_commit']} |")
     return "\n".join(rows)
 
 

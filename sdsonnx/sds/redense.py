@@ -1,8 +1,9 @@
 """Re-dense weight reconstruction, paper Eq. 4, from the first-pruned weights (residual sparse characteristics).
 
-Both solvers minimise J(W) of `objective.py` (data term / mean(diag H), l1 * RMS(W_dense) * |W|, l2 * W^2, all
-per weight). J is strictly convex for l2 > 0, so a solver run to convergence forgets W_init; the start matters
-through the iteration / epoch budget, as in the paper's 200-epoch procedure.
+Both solvers minimise Eq. 4, R(W) + lambda1 |W|_1 + lambda2 |W|_F^2, with the per-layer lambdas of `objective.py`
+(l1, l2 relative to the first prune's error and the dense weights' norms). Eq. 4 is strictly convex for l2 > 0,
+so a solver run to convergence forgets W_init; the start matters through the iteration / epoch budget (the
+paper's residual sparse characteristics) and through the data (SD: inputs from the first-pruned model).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 
 import torch
 
-from .objective import (input_scale, largest_eigenvalue, near_zero_share, redense_objective, weight_scale)
+from .objective import eq4_objective, largest_eigenvalue, layer_lambdas, near_zero_share, weight_scale
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,14 @@ def _check_inputs(w_dense: torch.Tensor, w_init: torch.Tensor, l1: float, l2: fl
         raise ValueError(f"l1 and l2 must be >= 0, got {l1}, {l2}")
 
 
+def _info(w_init: torch.Tensor, w: torch.Tensor, w_ref: torch.Tensor, h: torch.Tensor, lam1: float, lam2: float,
+          r0: float, **extra) -> dict:
+    """Per-module record: J before/after (Eq. 4 / R(W_init)), the lambdas, near-zero share."""
+    return {"loss_before": eq4_objective(w_init.to(w_ref.device), w_ref, h, lam1, lam2) / r0,
+            "loss_after": eq4_objective(w, w_ref, h, lam1, lam2) / r0, "lambda1": lam1, "lambda2": lam2,
+            "near_zero_share": near_zero_share(w, w_ref), **extra}
+
+
 def redense_gram(w_dense: torch.Tensor, w_init: torch.Tensor, hessian: torch.Tensor, l1: float, l2: float,
                  max_iter: int = 200, tol: float = 1e-6) -> tuple[torch.Tensor, dict]:
     """Eq. 4 by FISTA on H [d_in, d_in]: W [d_out, d_in] from W_init, step 1/L, soft-threshold prox, restarts."""
@@ -37,16 +46,16 @@ def redense_gram(w_dense: torch.Tensor, w_init: torch.Tensor, hessian: torch.Ten
         raise ValueError(f"hessian {tuple(hessian.shape)} must be [d_in, d_in] with d_in = {w_dense.shape[1]}")
     start = time.perf_counter()
     w_ref, h_mat = w_dense.float(), hessian.float().to(w_dense.device)
-    hn = h_mat / input_scale(h_mat)  # F = n J: smooth part tr(D Hn D^T) + l2 |W|^2, L = 2 (lmax(Hn) + l2)
-    lip = 2.0 * (largest_eigenvalue(hn) + l2)
+    lam1, lam2, r0 = layer_lambdas(w_ref, w_init.to(w_ref.device), h_mat, l1, l2)
+    lip = 2.0 * (largest_eigenvalue(h_mat) + lam2)  # smooth part R + lambda2 |W|^2
     if lip <= 0:
         lip = 1.0
-    tau = l1 * weight_scale(w_ref) / lip
-    target = w_ref @ hn  # grad = 2 (W Hn - W_dense Hn) + 2 l2 W
+    tau = lam1 / lip
+    target = w_ref @ h_mat  # grad = 2 (W H - W_dense H) + 2 lambda2 W
     x = w_init.float().to(w_ref.device).clone()
     y, t, iters, restarts = x.clone(), 1.0, 0, 0
     for iters in range(1, max_iter + 1):
-        grad = 2.0 * (y @ hn - target) + 2.0 * l2 * y
+        grad = 2.0 * (y @ h_mat - target) + 2.0 * lam2 * y
         x_new = soft_threshold(y - grad / lip, tau)
         step = x_new - x
         if float(((y - x_new) * step).sum()) > 0:  # gradient restart (O'Donoghue & Candes 2015)
@@ -59,13 +68,8 @@ def redense_gram(w_dense: torch.Tensor, w_init: torch.Tensor, hessian: torch.Ten
         x, t = x_new, t_new
         if rel < tol:
             break
-    info = {
-        "loss_before": redense_objective(w_init.to(w_ref.device), w_ref, h_mat, l1, l2),
-        "loss_after": redense_objective(x, w_ref, h_mat, l1, l2),
-        "iterations": iters, "restarts": restarts, "near_zero_share": near_zero_share(x, w_ref),
-        "seconds": time.perf_counter() - start,
-    }
-    return x, info
+    return x, _info(w_init, x, w_ref, h_mat, lam1, lam2, r0, iterations=iters, restarts=restarts,
+                    seconds=time.perf_counter() - start)
 
 
 def _gram_of(inputs: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
@@ -94,12 +98,12 @@ def redense_sgd(w_dense: torch.Tensor, w_init: torch.Tensor, inputs: torch.Tenso
     device = w_dense.device
     w_ref = w_dense.float()
     h_mat = _gram_of(inputs, device, batch_size)
-    h, s, n = input_scale(h_mat), weight_scale(w_ref), w_ref.numel()
+    lam1, lam2, r0 = layer_lambdas(w_ref, w_init.to(device), h_mat, l1, l2)
     w = w_init.float().to(device).clone().requires_grad_(True)
     if optimizer == "adam":
-        opt = torch.optim.Adam([w], lr=lr * s)
-    else:  # J's smooth part has Lipschitz constant 2 (lmax(H)/h + l2) / n
-        opt = torch.optim.SGD([w], lr=lr * n / (2.0 * (largest_eigenvalue(h_mat) / h + l2)), momentum=0.9)
+        opt = torch.optim.Adam([w], lr=lr * weight_scale(w_ref))
+    else:  # J = Eq. 4 / R(W_init) has a smooth part with Lipschitz constant 2 (lmax(H) + lambda2) / R(W_init)
+        opt = torch.optim.SGD([w], lr=lr * r0 / (2.0 * (largest_eigenvalue(h_mat) + lam2)), momentum=0.9)
     steps_per_epoch = math.ceil(inputs.shape[0] / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
@@ -108,16 +112,11 @@ def redense_sgd(w_dense: torch.Tensor, w_init: torch.Tensor, inputs: torch.Tenso
         for i in range(0, inputs.shape[0], batch_size):
             xb = inputs[order[i:i + batch_size]].to(device, torch.float32)
             err = xb @ (w - w_ref).T
-            loss = (err.pow(2).sum(1).mean() / h + l1 * s * w.abs().sum() + l2 * w.pow(2).sum()) / n
+            loss = (err.pow(2).sum(1).mean() + lam1 * w.abs().sum() + lam2 * w.pow(2).sum()) / r0
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     w = w.detach()
-    info = {
-        "loss_before": redense_objective(w_init.to(device), w_ref, h_mat, l1, l2),
-        "loss_after": redense_objective(w, w_ref, h_mat, l1, l2),
-        "iterations": epochs * steps_per_epoch, "near_zero_share": near_zero_share(w, w_ref),
-        "seconds": time.perf_counter() - start,
-    }
-    return w, info
+    return w, _info(w_init, w, w_ref, h_mat, lam1, lam2, r0, iterations=epochs * steps_per_epoch,
+                    seconds=time.perf_counter() - start)
