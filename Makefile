@@ -20,7 +20,7 @@ $(STAMP):
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/sdsonnx run recipes/smollm2_24.yaml --output runs/demo
+	$(BIN)/sdsonnx run recipes/demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -q
