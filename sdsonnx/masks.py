@@ -58,6 +58,20 @@ def select_mask(scores: torch.Tensor, pattern: Pattern, per_row: bool = True) ->
     return topk_mask(scores, pattern.sparsity, per_row)
 
 
+def keep_largest(scores: torch.Tensor, pattern: Pattern, per_row: bool = True) -> torch.Tensor:
+    """Like select_mask (same kept counts) by torch.topk: faster, ties broken in no particular order."""
+    _check_2d(scores, "scores")
+    if pattern.is_nm:
+        groups, keep = scores.reshape(-1, pattern.m), pattern.n
+    elif per_row:
+        groups, keep = scores, scores.shape[1] - prune_count(pattern.sparsity, scores.shape[1])
+    else:
+        groups, keep = scores.reshape(1, -1), scores.numel() - prune_count(pattern.sparsity, scores.numel())
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(1, groups.topk(keep, dim=1, sorted=False).indices, True)
+    return mask.reshape(scores.shape)
+
+
 def nm_violations(w: torch.Tensor, n: int, m: int, axis: int = 1) -> torch.Tensor:
     """w 2-D -> [k, 2] long (row, group) of the m-groups along `axis` with more than n nonzeros (-0.0 is zero).
 

@@ -95,15 +95,33 @@ def module_pattern(stage: PruneStage, block: int, name: str, block_sparsity: lis
 
 
 @contextmanager
-def _collecting(linears: dict[str, nn.Linear], stats: dict[str, LayerStats]):
-    """Forward hooks that add every target Linear's input to its LayerStats."""
-    handles = [mod.register_forward_hook(lambda m, inp, out, s=stats[name]: s.add(inp[0]))
-               for name, mod in linears.items()]
+def _collecting(block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, LayerStats]):
+    """Forward hooks that add every target Linear's input to its LayerStats.
+
+    Linears that receive the very same input tensor in a forward call (q/k/v, gate/up) share the first one's
+    LayerStats, so each Gram matrix is accumulated once.
+    """
+    current: list[tuple[torch.Tensor, str]] = []  # (input, module) seen in the running forward call
+    leader: dict[str, str] = {}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        first = next((other for seen, other in current if seen is x), None)
+        if first is not None:
+            leader[name] = first
+        else:
+            current.append((x, name))
+            stats[name].add(x)
+
+    handles = [block.register_forward_pre_hook(lambda m, args: current.clear())]
+    handles += [mod.register_forward_hook(lambda m, inp, out, n=name: add(n, inp[0])) for name, mod in linears.items()]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        current.clear()
+        for name, first in leader.items():
+            stats[name] = stats[first]
 
 
 def _set_weights(linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor]) -> None:
@@ -116,7 +134,7 @@ def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch
                   keep_inputs: bool = False) -> dict[str, LayerStats]:
     """Run the block over hidden [n, L, d] and return each target Linear's input statistics."""
     stats = {name: LayerStats(mod.in_features, keep_inputs=keep_inputs) for name, mod in linears.items()}
-    with _collecting(linears, stats):
+    with _collecting(block, linears, stats):
         run_block(block, hidden, kwargs)
     return stats
 

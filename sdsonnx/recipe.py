@@ -139,8 +139,10 @@ class SecondPruneStage(_Strict):
     early_exit: bool = Field(False, description="Skip the adjustment where the one-shot second prune already beats "
                                                 "the first prune on the layer objective (the paper's shortcut for "
                                                 "models above 3B; on SmolLM2 it costs quality, docs/BENCHMARKS.md).")
-    max_iter: int = Field(100, gt=0, description="Adjustment iterations (projected gradient steps).")
+    max_iter: int = Field(50, gt=0, description="Adjustment iterations (projected gradient steps).")
     tol: float = Field(1e-6, ge=0)
+    precondition: bool = Field(True, description="Steps in input-scaled coordinates, mask by |W_ij| sqrt(H_jj); "
+                                                 "false: plain steps, mask by |W_ij| (sds/adjust.py).")
     data: DataMode = Field("self", description=_DATA_HELP)
     calibration_part: int = Field(0, ge=0)
 

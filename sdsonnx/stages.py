@@ -56,7 +56,8 @@ def second_prune_stage(stage: SecondPruneStage, w: torch.Tensor, ctx: ModuleCont
     if ctx.first is None:
         raise ValueError("second_prune needs the output of a first prune stage")
     return second_prune(ctx.method, ctx.dense, w, ctx.first, ctx.stats, ctx.pattern, adjust=stage.adjust,
-                        max_iter=stage.max_iter, tol=stage.tol, early_exit=stage.early_exit)
+                        max_iter=stage.max_iter, tol=stage.tol, early_exit=stage.early_exit,
+                        precondition=stage.precondition)
 
 
 STAGES: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {

@@ -98,3 +98,12 @@ def test_sparsity_of():
     w = torch.tensor([[0.0, -0.0, 1.0, 2.0], [3.0, 0.0, 0.0, 0.0]])
     assert sparsity_of(w) == 5 / 8
     assert sparsity_of(w.to(torch.bfloat16)) == 5 / 8
+
+
+@pytest.mark.parametrize("spec,per_row", [("2:4", True), ("4:8", True), ("0.5", True), ("0.3", False)])
+def test_keep_largest_agrees_with_select_mask_without_ties(spec, per_row):
+    from sdsonnx.masks import keep_largest
+
+    scores = torch.randn(12, 32, generator=torch.Generator().manual_seed(4))  # continuous: no ties
+    pattern = Pattern.parse(spec)
+    assert torch.equal(keep_largest(scores, pattern, per_row), select_mask(scores, pattern, per_row))

@@ -72,3 +72,27 @@ def test_statistics_of_later_blocks_come_from_the_pruned_model():
     reported = result.modules[name]["error"]
     assert reported == pytest.approx(output_error(dense_block1[name], pruned_w, from_pruned), rel=1e-4)
     assert reported != pytest.approx(output_error(dense_block1[name], pruned_w, from_dense), rel=1e-3)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_linears_fed_the_same_input_share_one_gram_and_it_is_exact(arch):
+    model = tiny(arch)
+    inputs = capture_block_inputs(model, calibration())
+    _, blocks = find_blocks(model)
+    linears = target_linears(model)[1]
+    hidden = run_block(blocks[0], inputs.hidden, inputs.kwargs[0])
+    seen = {name: [] for name in linears}  # brute force: every Linear's own inputs
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: seen[n].append(i[0].reshape(-1, m.in_features)))
+               for n, m in linears.items()]
+    run_block(blocks[1], hidden, inputs.kwargs[1])
+    for h in handles:
+        h.remove()
+    stats = collect_stats(blocks[1], linears, hidden, inputs.kwargs[1])
+    for name in linears:
+        x = torch.cat(seen[name])
+        torch.testing.assert_close(stats[name].hessian, x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+        assert stats[name].count == x.shape[0]
+    q = next(n for n in linears if n.endswith("q_proj"))
+    k = next(n for n in linears if n.endswith("k_proj"))
+    assert stats[q] is stats[k]  # one accumulation for q/k/v
+    assert len({id(s) for s in stats.values()}) < len(stats)

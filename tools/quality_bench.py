@@ -43,6 +43,7 @@ SDS_VARIANTS = {
     "sdadj": ({}, {"data": "sparse"}, {}),  # adjustment on the first-pruned model's activations too
     "ee": ({}, {"early_exit": True}, {}),  # the paper's early exit
     "rd200": ({"max_iter": 200}, {}, {}),  # 4x the re-dense iteration budget
+    "plain": ({}, {"precondition": False, "max_iter": 100}, {}),  # adjustment as the paper writes it: mask by |W|
     "sgd": ({"solver": "sgd", "epochs": 10}, {}, {}),  # the paper's minibatch solver (10 of its 200 epochs)
 }
 

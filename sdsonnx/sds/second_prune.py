@@ -14,8 +14,8 @@ from .objective import reconstruction_loss
 
 
 def second_prune(method: str, w_dense: torch.Tensor, w_redense: torch.Tensor, w_first: torch.Tensor,
-                 stats: LayerStats, pattern: Pattern, adjust: bool = True, max_iter: int = 100,
-                 tol: float = 1e-6, early_exit: bool = True) -> tuple[torch.Tensor, dict]:
+                 stats: LayerStats, pattern: Pattern, adjust: bool = True, max_iter: int = 50,
+                 tol: float = 1e-6, early_exit: bool = False, precondition: bool = True) -> tuple[torch.Tensor, dict]:
     """W [d_out, d_in]: prune(method, W_redense) (Eq. 5's W^sparse-2nd), soft-mask adjusted unless it already beats
     W_first (early exit); the first prune is kept when neither beats it on R."""
     if not (w_dense.shape == w_redense.shape == w_first.shape) or w_dense.dim() != 2:
@@ -34,7 +34,8 @@ def second_prune(method: str, w_dense: torch.Tensor, w_redense: torch.Tensor, w_
     if adjust:
         # SparseGPT's unstructured masks are exact per column block, not per row: adjust matrix-wide then
         per_row = pattern.is_nm or satisfies_pattern(w_second, pattern, per_row=True)
-        w_adj, adj = soft_mask_adjust(w_ref, w_second, h, pattern, max_iter=max_iter, tol=tol, per_row=per_row)
+        w_adj, adj = soft_mask_adjust(w_ref, w_second, h, pattern, max_iter=max_iter, tol=tol, per_row=per_row,
+                                      precondition=precondition)
         info.update(loss_adjusted=adj["loss_after"], adjust_iterations=adj["iterations"],
                     mask_changes=adj["mask_changes"], adjust_per_row=per_row)
         if adj["loss_after"] < min(r_first, r_second):
