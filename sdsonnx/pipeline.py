@@ -10,7 +10,8 @@ are kept and advanced.
 Per block:  1. load the block in float32 on the working device;
             2. for each stage: set the stage's input weights, run the block over the stage's stream with
                hooks that accumulate X X^T of every target Linear's input, apply the stage function;
-            3. advance each stream through the block with that stream's version of the weights;
+            3. advance each stream through the block with that stream's version of the weights (reusing the
+               output of step 2 where a stage already ran that very pass);
             4. keep the final weights, cast the block back to its storage dtype.
 Within a block every target Linear's statistics come from one pass with the stage's input weights (as the
 reference SparseGPT does), not from sequential groups q/k/v -> o -> gate/up -> down.
@@ -133,10 +134,16 @@ def _set_weights(linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor]
 def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict,
                   keep_inputs: bool = False) -> dict[str, LayerStats]:
     """Run the block over hidden [n, L, d] and return each target Linear's input statistics."""
+    return collect_stats_and_output(block, linears, hidden, kwargs, keep_inputs)[0]
+
+
+def collect_stats_and_output(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict,
+                             keep_inputs: bool = False) -> tuple[dict[str, LayerStats], torch.Tensor]:
+    """collect_stats, plus the block's output [n, L, d] of that same pass (the next block's input)."""
     stats = {name: LayerStats(mod.in_features, keep_inputs=keep_inputs) for name, mod in linears.items()}
     with _collecting(block, linears, stats):
-        run_block(block, hidden, kwargs)
-    return stats
+        out = run_block(block, hidden, kwargs)
+    return stats, out
 
 
 def owl_block_sparsity(blocks: nn.ModuleList, targets: dict[int, dict[str, nn.Linear]], inputs: BlockInputs,
@@ -148,10 +155,9 @@ def owl_block_sparsity(blocks: nn.ModuleList, targets: dict[int, dict[str, nn.Li
     for index, block in enumerate(tqdm(blocks, desc="OWL outlier ratios", leave=False)):
         dtype = next(block.parameters()).dtype
         block.to(device, torch.float32)
-        stats = collect_stats(block, targets[index], hidden, inputs.kwargs[index])
+        stats, hidden = collect_stats_and_output(block, targets[index], hidden, inputs.kwargs[index])
         scores = [mod.weight.detach().abs() * stats[name].sq_norm.sqrt() for name, mod in targets[index].items()]
         ratios.append(outlier_ratio(scores, stage.owl.threshold_m))
-        hidden = run_block(block, hidden, inputs.kwargs[index])
         block.to("cpu", dtype)
     return owl_sparsities(ratios, stage.sparsity, stage.owl.lam)
 
@@ -183,8 +189,11 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
             continue
         storage_dtype = next(block.parameters()).dtype
         block.to(device, torch.float32)
-        versions = _run_stages(recipe, index, block, linears, streams, inputs.kwargs[index], result)
+        versions, advanced = _run_stages(recipe, index, block, linears, streams, inputs.kwargs[index], result)
         for key in streams:
+            if key in advanced:
+                streams[key] = advanced[key]
+                continue
             _set_weights(linears, versions[key.version])
             streams[key] = run_block(block, streams[key], inputs.kwargs[index])
         _set_weights(linears, versions[-1])
@@ -195,15 +204,23 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
 
 
 def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str, nn.Linear],
-                streams: dict[StreamKey, torch.Tensor], kwargs: dict, result: PipelineResult) -> list[dict]:
-    """All stages on one block; returns the weight versions [dense, after stage 1, ...]."""
+                streams: dict[StreamKey, torch.Tensor], kwargs: dict,
+                result: PipelineResult) -> tuple[list[dict], dict[StreamKey, torch.Tensor]]:
+    """All stages on one block; returns the weight versions [dense, after stage 1, ...] and the streams already
+    advanced through the block: a stage that reads stream version i with input weights version i (the re-dense
+    stage on SD data) has run exactly the pass that advances that stream, so it is not run twice."""
     first = recipe.first_prune
     versions = [{n: mod.weight.detach().float().clone() for n, mod in linears.items()}]
+    advanced: dict[StreamKey, torch.Tensor] = {}
     for i, stage in enumerate(recipe.stages):
         start = time.perf_counter()
         _set_weights(linears, versions[i])
         keep_inputs = getattr(stage, "solver", None) == "sgd"
-        stats = collect_stats(block, linears, streams[stream_key(recipe, i)], kwargs, keep_inputs)
+        key = stream_key(recipe, i)
+        stats, out = collect_stats_and_output(block, linears, streams[key], kwargs, keep_inputs)
+        if key.version == i:
+            advanced[key] = out
+        del out
         out = {}
         for name in linears:
             ctx = ModuleContext(
@@ -226,4 +243,4 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
         entry["sparsity"], entry["error"] = entry["stages"][-1]["sparsity"], entry["stages"][-1]["error"]
     if result.figure_module in linears:
         result.figure_versions = [v[result.figure_module].cpu().clone() for v in versions]
-    return versions
+    return versions, advanced

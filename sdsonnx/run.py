@@ -82,7 +82,10 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
 
     if windows is not None:
         t0 = time.perf_counter()
-        ppl.update(step_perplexities(model, windows, recipe, result, progress))
+        if result.snapshots:  # optional reporting (evaluation.each_step), timed apart from the final evaluation
+            ppl.update(step_perplexities(model, windows, recipe, result, progress))
+            wall["eval_steps"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
         ppl["pruned"] = perplexity(model, windows, progress=progress)
         wall["eval_pruned"] = time.perf_counter() - t0
         log.info("pruned perplexity %.3f", ppl["pruned"])

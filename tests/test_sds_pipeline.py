@@ -103,3 +103,32 @@ def test_figure_versions_are_kept_for_the_chosen_module():
     auto = prune_model(tiny("llama"), sds_recipe({"kind": "prune", "method": "magnitude", "sparsity": 0.5}),
                        calibration(), progress=False)
     assert auto.figure_module == "model.layers.2.mlp.down_proj" and len(auto.figure_versions) == 4
+
+
+def test_redense_pass_doubles_as_the_sparse_stream_advance(monkeypatch):
+    """On SD data the re-dense stage's statistics pass is the pass that advances the first-pruned stream: reusing
+    it saves one block forward per block and leaves every weight bit-identical to running that pass again."""
+    import sdsonnx.pipeline as pipeline
+
+    first = {"kind": "prune", "method": "sparsegpt", "pattern": "2:4"}
+    calls = {"n": 0}
+    real_run_block = pipeline.run_block
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real_run_block(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_block", counting)
+    fused = tiny("llama")
+    prune_model(fused, sds_recipe(first), calibration(), progress=False)
+    fused_calls, calls["n"] = calls["n"], 0
+
+    real_run_stages = pipeline._run_stages
+    monkeypatch.setattr(pipeline, "_run_stages", lambda *a: (real_run_stages(*a)[0], {}))
+    unfused = tiny("llama")
+    prune_model(unfused, sds_recipe(first), calibration(), progress=False)
+
+    blocks = len(target_linears(fused))
+    assert calls["n"] - fused_calls == blocks  # one block pass saved per block
+    for name, w in weights(fused).items():
+        assert torch.equal(w, weights(unfused)[name]), name

@@ -127,6 +127,7 @@ def run_case(case: str, sdsonnx: str) -> dict:
         "perplexity_steps": {k: v for k, v in ppl.items() if k.startswith("after_")},
         "wall_seconds": round(report["wall_seconds"]["total"], 1),
         "prune_seconds": round(report["wall_seconds"].get("prune", 0.0), 1),
+        "step_eval_seconds": round(report["wall_seconds"].get("eval_steps", 0.0), 1),
         "stage_seconds": {k: v for k, v in report["wall_seconds"].items() if k.startswith("stage_")},
         "peak_rss_mib": round(report["peak_rss_bytes"] / 2**20),
         "second_prune_kept": kept_counts(report),
@@ -178,17 +179,20 @@ def base_of(record: dict, records: list[dict]) -> dict | None:
 def markdown_table(records: list[dict]) -> str:
     """One row per record; SDS rows carry their perplexity change and time ratios against their base run."""
     rows = ["| method | pattern | variant | perplexity | vs base | steps: first prune / re-dense | wall s | "
-            "SDS/base wall | prune s | SDS/base prune | peak RSS MiB | commit |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "SDS/base wall | SDS/base wall w/o step evals | prune s | SDS/base prune | peak RSS MiB | commit |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         base = base_of(r, records)
         steps = " / ".join(f"{v:.2f}" for v in r["perplexity_steps"].values()) or "-"
         change = f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}%" if base else "-"
         wall = f"{r['wall_seconds'] / base['wall_seconds']:.2f}x" if base else "-"
+        # Records before the step evaluations were timed apart (no step_eval_seconds) get "-", not a guess.
+        step_eval = r.get("step_eval_seconds")
+        lean = f"{(r['wall_seconds'] - step_eval) / base['wall_seconds']:.2f}x" if base and step_eval else "-"
         prune = f"{r['prune_seconds'] / base['prune_seconds']:.2f}x" if base and base["prune_seconds"] else "-"
         rows.append(f"| {r['method']} | {r['pattern']} | {r['variant'] or r['profile']} | {r['perplexity']:.2f} | "
-                    f"{change} | {steps} | {r['wall_seconds']:.0f} | {wall} | {r['prune_seconds']:.0f} | {prune} | "
-                    f"{r['peak_rss_mib']} | {r['git_commit']} |")
+                    f"{change} | {steps} | {r['wall_seconds']:.0f} | {wall} | {lean} | {r['prune_seconds']:.0f} | "
+                    f"{prune} | {r['peak_rss_mib']} | {r['git_commit']} |")
     return "\n".join(rows)
 
 
