@@ -181,7 +181,7 @@ def markdown_table(records: list[dict]) -> str:
     rows = ["| method | pattern | variant | perplexity | vs base | steps: first prune / re-dense | wall s | "
             "SDS/base wall | SDS/base wall w/o step evals | prune s | SDS/base prune | peak RSS MiB | commit |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
+    for r in sorted(records, key=_row_order):
         base = base_of(r, records)
         steps = " / ".join(f"{v:.2f}" for v in r["perplexity_steps"].values()) or "-"
         change = f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}%" if base else "-"
@@ -194,6 +194,15 @@ def markdown_table(records: list[dict]) -> str:
                     f"{change} | {steps} | {r['wall_seconds']:.0f} | {wall} | {lean} | {r['prune_seconds']:.0f} | "
                     f"{prune} | {r['peak_rss_mib']} | {r['git_commit']} |")
     return "\n".join(rows)
+
+
+def _row_order(record: dict) -> tuple:
+    """Dense first, then by pattern (50%, 2:4, 4:8, others), profile, base method, one-shot before its SDS runs."""
+    patterns = ["dense", "0.5", "2:4", "4:8"]
+    pattern = patterns.index(record["pattern"]) if record["pattern"] in patterns else len(patterns)
+    method = record["method"].removeprefix("sds-")
+    return (pattern, record["pattern"], record["profile"] != "uniform", method, record["method"].startswith("sds-"),
+            record["variant"] != "sd", record["variant"])
 
 
 def update_markdown(records: list[dict]) -> None:
