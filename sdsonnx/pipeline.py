@@ -217,10 +217,10 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
         _set_weights(linears, versions[i])
         keep_inputs = getattr(stage, "solver", None) == "sgd"
         key = stream_key(recipe, i)
-        stats, out = collect_stats_and_output(block, linears, streams[key], kwargs, keep_inputs)
+        stats, block_output = collect_stats_and_output(block, linears, streams[key], kwargs, keep_inputs)
         if key.version == i:
-            advanced[key] = out
-        del out
+            advanced[key] = block_output
+        del block_output
         out = {}
         for name in linears:
             ctx = ModuleContext(
