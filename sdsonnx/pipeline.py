@@ -225,7 +225,8 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
         for name in linears:
             ctx = ModuleContext(
                 name=name, dense=versions[0][name], first=versions[1][name] if i > 0 else None, stats=stats[name],
-                pattern=module_pattern(first, index, name, result.block_sparsity), method=first.method)
+                pattern=module_pattern(first, index, name, result.block_sparsity), method=first.method,
+                sparsegpt_options=first.sparsegpt_options)
             t0 = time.perf_counter()
             weight, info = STAGES[stage.kind](stage, versions[i][name], ctx)
             out[name] = weight.float()

@@ -110,6 +110,10 @@ class PruneStage(_Strict):
         return self
 
     @property
+    def sparsegpt_options(self) -> dict:
+        return {"blocksize": self.blocksize, "percdamp": self.percdamp}
+
+    @property
     def base_pattern(self) -> Pattern:
         return _nm_pattern(self.pattern) if self.pattern else Pattern(sparsity=self.sparsity)
 

@@ -25,17 +25,14 @@ class ModuleContext:
     stats: LayerStats  # inputs of the layer, from the stream the stage's `data` names
     pattern: Pattern  # resolved pattern of this module (overrides and OWL profile applied)
     method: str  # pruning method of the first prune stage (the second prune reuses it)
+    sparsegpt_options: dict  # the first prune stage's SparseGPT blocksize and percdamp (reused likewise)
 
 
 def prune_stage(stage: PruneStage, w: torch.Tensor, ctx: ModuleContext) -> tuple[torch.Tensor, dict]:
     """Stage 1 (and plain one-shot pruning): SparseGPT / Wanda / magnitude on W."""
     from .prune import prune
-    from .prune.sparsegpt import sparsegpt_prune
 
-    if stage.method == "sparsegpt":
-        pruned, _ = sparsegpt_prune(w, ctx.stats.hessian, ctx.pattern, blocksize=stage.blocksize, percdamp=stage.percdamp)
-    else:
-        pruned, _ = prune(stage.method, w, ctx.stats, ctx.pattern)
+    pruned, _ = prune(stage.method, w, ctx.stats, ctx.pattern, stage.sparsegpt_options)
     return pruned, {}
 
 
@@ -57,7 +54,7 @@ def second_prune_stage(stage: SecondPruneStage, w: torch.Tensor, ctx: ModuleCont
         raise ValueError("second_prune needs the output of a first prune stage")
     return second_prune(ctx.method, ctx.dense, w, ctx.first, ctx.stats, ctx.pattern, adjust=stage.adjust,
                         max_iter=stage.max_iter, tol=stage.tol, early_exit=stage.early_exit,
-                        precondition=stage.precondition)
+                        precondition=stage.precondition, sparsegpt_options=ctx.sparsegpt_options)
 
 
 STAGES: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {

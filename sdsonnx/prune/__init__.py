@@ -23,15 +23,20 @@ def _wanda(w: torch.Tensor, stats: LayerStats, pattern: Pattern) -> tuple[torch.
 PRUNERS: dict[str, Pruner] = {
     "magnitude": lambda w, stats, pattern: magnitude_prune(w, pattern),
     "wanda": _wanda,
-    "sparsegpt": lambda w, stats, pattern: sparsegpt_prune(w, stats.hessian, pattern),
+    "sparsegpt": lambda w, stats, pattern, **options: sparsegpt_prune(w, stats.hessian, pattern, **options),
 }
 
 # Which input statistics each method reads: none, the diagonal (sq_norm) or the full Gram matrix (hessian).
 NEEDS: dict[str, str] = {"magnitude": "none", "wanda": "diag", "sparsegpt": "full"}
 
 
-def prune(method: str, w: torch.Tensor, stats: LayerStats, pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [out, in] -> (pruned W in W's dtype, bool mask, True = kept) with the named method."""
+def prune(method: str, w: torch.Tensor, stats: LayerStats, pattern: Pattern,
+          sparsegpt_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [out, in] -> (pruned W in W's dtype, bool mask, True = kept) with the named method.
+
+    sparsegpt_options (blocksize, percdamp) go to SparseGPT and are ignored by the other methods."""
     if method not in PRUNERS:
         raise ValueError(f"unknown pruning method {method!r}; known: {', '.join(sorted(PRUNERS))}")
+    if method == "sparsegpt":
+        return PRUNERS[method](w, stats, pattern, **(sparsegpt_options or {}))
     return PRUNERS[method](w, stats, pattern)
