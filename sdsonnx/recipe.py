@@ -84,6 +84,9 @@ _DATA_HELP = ("Which model's activations feed the statistics: self = this stage'
 class Owl(_Strict):
     threshold_m: float = Field(5.0, gt=0, description="Outlier: Wanda score above M x the block mean (OWL: M=5).")
     lam: float = Field(0.08, ge=0, lt=0.5, description="Spread of block sparsities around the mean (OWL: 0.08).")
+    mapping: Literal["official", "paper"] = Field(
+        "official", description="Ratios -> sparsities: official = luuyin/OWL code (spread exactly 2 lam), "
+                                "paper = spread narrowed to stay inside [s - lam, s + lam] (docs/DESIGN.md).")
 
 
 class PruneStage(_Strict):
