@@ -204,3 +204,28 @@ def test_second_prune_stage_reuses_the_first_prunes_sparsegpt_options():
     default, _ = sparsegpt_prune(noisy, stats.hessian, pattern)
     assert info["loss_second"] == pytest.approx(reconstruction_loss(expected, w_dense, stats.hessian), rel=1e-6)
     assert info["loss_second"] != pytest.approx(reconstruction_loss(default, w_dense, stats.hessian), rel=1e-3)
+
+
+def _negative_zeros(w: torch.Tensor) -> int:
+    return int((torch.signbit(w) & (w == 0)).sum())
+
+
+def test_reselect_writes_positive_zeros_where_it_prunes():
+    """V * mask left -0.0 for every pruned negative V; the soft mask writes +0.0 (a byte-level consumer sees it)."""
+    from sdsonnx.sds.adjust import _reselect
+
+    v = torch.tensor([[-3.0, -0.5, 2.0, -0.25], [1.0, -4.0, -0.1, 0.2]])
+    w, mask = _reselect(v, Pattern.parse("2:4"), per_row=True)
+    assert mask.tolist() == [[True, False, True, False], [True, True, False, False]]
+    assert w.tolist() == [[-3.0, 0.0, 2.0, 0.0], [1.0, -4.0, 0.0, 0.0]]
+    assert _negative_zeros(w) == 0 and _negative_zeros(v * mask) == 3  # what the old product left
+
+
+@pytest.mark.parametrize("precondition", [True, False])
+def test_adjusted_weights_have_no_negative_zeros(precondition):
+    w_dense, h = _problem()
+    pattern = Pattern.parse("2:4")
+    start = w_dense * select_mask(-w_dense.abs(), pattern)
+    w, _ = soft_mask_adjust(w_dense, torch.where(start != 0, start, 0.0), h, pattern, max_iter=20,
+                            precondition=precondition)
+    assert int((w == 0).sum()) == w.numel() // 2 and _negative_zeros(w) == 0

@@ -229,3 +229,14 @@ def test_registry():
     diag_only.add(correlated_inputs())
     prune("wanda", w, diag_only, Pattern(sparsity=0.5))  # Wanda needs no Gram matrix
     prune("magnitude", w, LayerStats(32, full=False), Pattern(sparsity=0.5))  # magnitude needs no inputs at all
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("spec", ["0.5", "2:4"])
+def test_pruned_weights_are_positive_zeros(method, spec):
+    """Every pruned weight is written as +0.0, also where W was negative (W * mask would leave -0.0)."""
+    w, stats = layer()
+    w = -w.abs()  # all negative
+    pruned, mask = prune(method, w, stats, Pattern.parse(spec))
+    assert int((pruned == 0).sum()) == int((~mask).sum()) == w.numel() // 2
+    assert not bool((torch.signbit(pruned) & (pruned == 0)).any())

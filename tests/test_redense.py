@@ -124,3 +124,14 @@ def test_bad_inputs_raise():
         redense_gram(w_dense, w_init, h, -1.0, 0.1)
     with pytest.raises(ValueError):
         redense_sgd(w_dense, w_init, x[:, :8], 0.1, 0.1)
+
+
+def test_soft_threshold_writes_positive_zeros():
+    """sign(x) * max(|x| - tau, 0) is -0.0 for every thresholded negative x; the prox writes +0.0 there."""
+    x = torch.tensor([-2.0, -0.5, -0.0, 0.0, 0.25, 3.0])
+    out = soft_threshold(x, 1.0)
+    assert out.tolist() == [-1.0, 0.0, 0.0, 0.0, 0.0, 2.0]
+    assert not bool((torch.signbit(out) & (out == 0)).any())
+    w_dense, w_init, x, h = _problem()
+    w, _ = redense_gram(w_dense, w_init, h, 5.0, 0.1, max_iter=30)  # heavy l1: many exact zeros
+    assert int((w == 0).sum()) > 0 and not bool((torch.signbit(w) & (w == 0)).any())

@@ -39,9 +39,11 @@ def satisfies_pattern(w: torch.Tensor, pattern: Pattern, per_row: bool = True) -
 
 
 def _reselect(v: torch.Tensor, pattern: Pattern, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft mask: keep the largest |V| the pattern allows, the exact projection onto the pattern; (V * mask, mask)."""
+    """Soft mask: keep the largest |V| the pattern allows, the exact projection onto the pattern; (V * mask, mask).
+
+    Pruned entries are written as +0.0 (torch.where), never the -0.0 that V * mask leaves for negative V."""
     mask = keep_largest(v.abs(), pattern, per_row)
-    return v * mask, mask
+    return torch.where(mask, v, 0.0), mask
 
 
 def soft_mask_adjust(w_dense: torch.Tensor, w_pruned: torch.Tensor, hessian: torch.Tensor, pattern: Pattern,

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def soft_threshold(x: torch.Tensor, tau: float) -> torch.Tensor:
-    """Prox of tau * ||.||_1: sign(x) * max(|x| - tau, 0), elementwise."""
-    return torch.sign(x) * torch.clamp(x.abs() - tau, min=0.0)
+    """Prox of tau * ||.||_1: sign(x) * max(|x| - tau, 0), elementwise; thresholded entries are +0.0, never -0.0."""
+    shrunk = torch.clamp(x.abs() - tau, min=0.0)
+    return torch.where(shrunk > 0, torch.sign(x) * shrunk, 0.0)
 
 
 def _check_inputs(w_dense: torch.Tensor, w_init: torch.Tensor, l1: float, l2: float) -> None:
