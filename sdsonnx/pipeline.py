@@ -31,7 +31,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import BlockInputs, capture_block_inputs, find_blocks, run_block, target_linears
-from .pattern import Pattern
 from .recipe import PruneStage, Recipe
 from .stages import STAGES, ModuleContext
 from .stats import LayerStats, output_error
@@ -80,19 +79,6 @@ def figure_module(choice: str | None, targets: dict[int, dict[str, nn.Linear]]) 
         return choice
     names = [name for mods in targets.values() for name in mods]
     return names[-1] if names else None
-
-
-def module_pattern(stage: PruneStage, block: int, name: str, block_sparsity: list[float] | None) -> Pattern:
-    """The pattern one module gets: the stage's, the OWL block sparsity, then the last matching override."""
-    import re
-
-    pattern = stage.base_pattern
-    if block_sparsity is not None:
-        pattern = Pattern(sparsity=block_sparsity[block])
-    for ov in stage.overrides:
-        if (ov.blocks is None or block in ov.blocks) and (ov.modules is None or re.search(ov.modules, name)):
-            pattern = Pattern(sparsity=ov.sparsity) if ov.sparsity is not None else Pattern.parse(ov.pattern)
-    return pattern
 
 
 @contextmanager
@@ -223,10 +209,9 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
         del block_output
         out = {}
         for name in linears:
-            ctx = ModuleContext(
-                name=name, dense=versions[0][name], first=versions[1][name] if i > 0 else None, stats=stats[name],
-                pattern=module_pattern(first, index, name, result.block_sparsity), method=first.method,
-                sparsegpt_options=first.sparsegpt_options)
+            ctx = ModuleContext(name=name, dense=versions[0][name], first_pruned=versions[1][name] if i > 0 else None,
+                                stats=stats[name], pattern=first.pattern_for(index, name, result.block_sparsity),
+                                first_prune=first)
             t0 = time.perf_counter()
             weight, info = STAGES[stage.kind](stage, versions[i][name], ctx)
             out[name] = weight.float()

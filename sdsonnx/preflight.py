@@ -9,18 +9,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .blocks import UnsupportedModelError, select_targets, target_linears, unmatched_patterns
 from .data import DataSourceError, classify_data_source
-from .models import ModelSourceError, classify_model_source, model_config
-from .pattern import Pattern
-from .pipeline import module_pattern
+from .models import ModelSourceError, classify_model_source, keep_first_blocks, model_config
 from .recipe import Recipe, RecipeError
 
 
 def meta_model(config: AutoConfig, num_blocks: int | None = None):
     """The model's module tree on the meta device: names and shapes, no memory, no weights."""
-    if num_blocks is not None:
-        config.num_hidden_layers = min(num_blocks, config.num_hidden_layers)
-        if getattr(config, "layer_types", None):
-            config.layer_types = config.layer_types[: config.num_hidden_layers]
+    keep_first_blocks(config, num_blocks)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -79,7 +74,7 @@ def target_problems(recipe: Recipe, shapes: dict[int, dict[str, tuple[int, int]]
                 problems.append(f"{path}: stages.0.overrides.{i}.blocks: block {b} does not exist (model has {len(shapes)})")
     for block, mods in shapes.items():
         for name, (_, d_in) in mods.items():
-            pattern: Pattern = module_pattern(first, block, name, None)
+            pattern = first.pattern_for(block, name)
             if pattern.is_nm and d_in % pattern.m:
                 problems.append(f"{path}: stages.0: pattern {pattern} needs in_features divisible by {pattern.m}; {name} has {d_in}")
     return problems

@@ -9,12 +9,15 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .pattern import Pattern
+
+if TYPE_CHECKING:
+    from .prune import PruneOptions
 
 
 class RecipeError(ValueError):
@@ -113,12 +116,26 @@ class PruneStage(_Strict):
         return self
 
     @property
-    def sparsegpt_options(self) -> dict:
-        return {"blocksize": self.blocksize, "percdamp": self.percdamp}
+    def options(self) -> "PruneOptions":
+        """This method's typed options (SparseGPTOptions(blocksize, percdamp), WandaOptions(), ...)."""
+        from .prune import options_for
+
+        return options_for(self.method, self.model_dump())
 
     @property
     def base_pattern(self) -> Pattern:
         return _nm_pattern(self.pattern) if self.pattern else Pattern(sparsity=self.sparsity)
+
+    def pattern_for(self, block: int, name: str, block_sparsity: list[float] | None = None) -> Pattern:
+        """The pattern module `name` of block `block` gets: the stage's, then the OWL block sparsity
+        (block_sparsity[block], when given), then the last matching override."""
+        pattern = self.base_pattern
+        if block_sparsity is not None:
+            pattern = Pattern(sparsity=block_sparsity[block])
+        for ov in self.overrides:
+            if (ov.blocks is None or block in ov.blocks) and (ov.modules is None or re.search(ov.modules, name)):
+                pattern = Pattern(sparsity=ov.sparsity) if ov.sparsity is not None else Pattern.parse(ov.pattern)
+        return pattern
 
 
 class RedenseStage(_Strict):

@@ -21,18 +21,17 @@ class ModuleContext:
 
     name: str
     dense: torch.Tensor  # the unpruned weight, float32
-    first: torch.Tensor | None  # output of the first prune stage (None while it runs)
+    first_pruned: torch.Tensor | None  # the first prune stage's output weight (None while that stage runs)
     stats: LayerStats  # inputs of the layer, from the stream the stage's `data` names
     pattern: Pattern  # resolved pattern of this module (overrides and OWL profile applied)
-    method: str  # pruning method of the first prune stage (the second prune reuses it)
-    sparsegpt_options: dict  # the first prune stage's SparseGPT blocksize and percdamp (reused likewise)
+    first_prune: PruneStage  # the recipe's first prune stage: the second prune reuses its method and options
 
 
 def prune_stage(stage: PruneStage, w: torch.Tensor, ctx: ModuleContext) -> tuple[torch.Tensor, dict]:
     """Stage 1 (and plain one-shot pruning): SparseGPT / Wanda / magnitude on W."""
     from .prune import prune
 
-    pruned, _ = prune(stage.method, w, ctx.stats, ctx.pattern, stage.sparsegpt_options)
+    pruned, _ = prune(stage.method, w, ctx.stats, ctx.pattern, stage.options)
     return pruned, {}
 
 
@@ -50,11 +49,12 @@ def second_prune_stage(stage: SecondPruneStage, w: torch.Tensor, ctx: ModuleCont
     """Stage 3, paper Eq. 5: prune the re-dense W again, adjust with a soft mask, never worse than stage 1."""
     from .sds.second_prune import second_prune
 
-    if ctx.first is None:
+    if ctx.first_pruned is None:
         raise ValueError("second_prune needs the output of a first prune stage")
-    return second_prune(ctx.method, ctx.dense, w, ctx.first, ctx.stats, ctx.pattern, adjust=stage.adjust,
+    first = ctx.first_prune
+    return second_prune(first.method, ctx.dense, w, ctx.first_pruned, ctx.stats, ctx.pattern, adjust=stage.adjust,
                         max_iter=stage.max_iter, tol=stage.tol, early_exit=stage.early_exit,
-                        precondition=stage.precondition, sparsegpt_options=ctx.sparsegpt_options)
+                        precondition=stage.precondition, options=first.options)
 
 
 STAGES: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {

@@ -189,18 +189,19 @@ def test_second_prune_without_early_exit_adjusts_even_when_the_one_shot_prune_wi
 
 def test_second_prune_stage_reuses_the_first_prunes_sparsegpt_options():
     from sdsonnx.prune.sparsegpt import sparsegpt_prune
-    from sdsonnx.recipe import SecondPruneStage
+    from sdsonnx.recipe import PruneStage, SecondPruneStage
     from sdsonnx.stages import ModuleContext, second_prune_stage
 
     stats, w_dense = _stats(d_in=64)
     pattern = Pattern.parse("2:4")
     noisy = w_dense + 0.3 * torch.randn(w_dense.shape, generator=torch.Generator().manual_seed(1))
     first = w_dense * select_mask(w_dense.abs(), pattern)
-    options = {"blocksize": 8, "percdamp": 10.0}  # heavy dampening: a different SparseGPT than the defaults'
-    ctx = ModuleContext(name="fc", dense=w_dense, first=first, stats=stats, pattern=pattern, method="sparsegpt",
-                        sparsegpt_options=options)
+    # heavy dampening: a different SparseGPT than the defaults'
+    first_prune = PruneStage(kind="prune", method="sparsegpt", pattern="2:4", blocksize=8, percdamp=10.0)
+    ctx = ModuleContext(name="fc", dense=w_dense, first_pruned=first, stats=stats, pattern=pattern,
+                        first_prune=first_prune)
     _, info = second_prune_stage(SecondPruneStage(kind="second_prune", adjust=False), noisy, ctx)
-    expected, _ = sparsegpt_prune(noisy, stats.hessian, pattern, **options)
+    expected, _ = sparsegpt_prune(noisy, stats.hessian, pattern, blocksize=8, percdamp=10.0)
     default, _ = sparsegpt_prune(noisy, stats.hessian, pattern)
     assert info["loss_second"] == pytest.approx(reconstruction_loss(expected, w_dense, stats.hessian), rel=1e-6)
     assert info["loss_second"] != pytest.approx(reconstruction_loss(default, w_dense, stats.hessian), rel=1e-3)

@@ -6,7 +6,7 @@ import torch
 
 from sdsonnx.masks import nm_violations, sparsity_of
 from sdsonnx.pattern import Pattern
-from sdsonnx.prune import NEEDS, PRUNERS, prune
+from sdsonnx.prune import OPTIONS, PRUNERS, MagnitudeOptions, SparseGPTOptions, WandaOptions, options_for, prune
 from sdsonnx.prune.magnitude import magnitude_prune
 from sdsonnx.prune.sparsegpt import sparsegpt_prune
 from sdsonnx.prune.wanda import wanda_prune
@@ -218,8 +218,7 @@ def test_sparsegpt_brute_force_1x4_diagonal():
 
 
 def test_registry():
-    assert set(PRUNERS) == set(NEEDS) == {"magnitude", "wanda", "sparsegpt"}
-    assert NEEDS == {"magnitude": "none", "wanda": "diag", "sparsegpt": "full"}
+    assert set(PRUNERS) == set(OPTIONS) == {"magnitude", "wanda", "sparsegpt"}
     w, stats = layer()
     with pytest.raises(ValueError, match="magnitude, sparsegpt, wanda"):
         prune("obs", w, stats, Pattern(sparsity=0.5))
@@ -240,3 +239,26 @@ def test_pruned_weights_are_positive_zeros(method, spec):
     pruned, mask = prune(method, w, stats, Pattern.parse(spec))
     assert int((pruned == 0).sum()) == int((~mask).sum()) == w.numel() // 2
     assert not bool((torch.signbit(pruned) & (pruned == 0)).any())
+
+
+def test_every_method_takes_its_own_typed_options():
+    w, stats = layer(d_in=64)
+    pattern = Pattern.parse("2:4")
+    options = SparseGPTOptions(blocksize=8, percdamp=10.0)
+    assert torch.equal(prune("sparsegpt", w, stats, pattern, options)[0],
+                       sparsegpt_prune(w, stats.hessian, pattern, blocksize=8, percdamp=10.0)[0])
+    assert not torch.equal(prune("sparsegpt", w, stats, pattern, options)[0], prune("sparsegpt", w, stats, pattern)[0])
+    assert torch.equal(prune("wanda", w, stats, pattern, WandaOptions())[0], wanda_prune(w, stats.sq_norm, pattern)[0])
+    assert torch.equal(prune("magnitude", w, stats, pattern, MagnitudeOptions())[0], magnitude_prune(w, pattern)[0])
+    with pytest.raises(ValueError, match="wanda takes WandaOptions, got SparseGPTOptions"):
+        prune("wanda", w, stats, pattern, options)
+    assert options_for("sparsegpt", {"blocksize": 8, "percdamp": 10.0, "method": "sparsegpt"}) == options
+    assert options_for("wanda", {"blocksize": 8, "percdamp": 10.0}) == WandaOptions()
+
+
+def test_prune_stage_builds_its_methods_options():
+    from sdsonnx.recipe import PruneStage
+
+    stage = PruneStage(kind="prune", method="sparsegpt", pattern="2:4", blocksize=16, percdamp=0.5)
+    assert stage.options == SparseGPTOptions(blocksize=16, percdamp=0.5)
+    assert PruneStage(kind="prune", method="wanda", sparsity=0.5, blocksize=16).options == WandaOptions()

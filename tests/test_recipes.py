@@ -55,3 +55,25 @@ def test_yaml_syntax_and_missing_file(tmp_path):
         load_recipe(bad)
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_pattern_for_applies_owl_then_the_last_matching_override():
+    from sdsonnx.pattern import Pattern
+    from sdsonnx.recipe import PruneStage
+
+    stage = PruneStage(kind="prune", method="wanda", sparsity=0.5, overrides=[
+        {"blocks": [1], "modules": r"mlp\.", "sparsity": 0.3},
+        {"modules": r"down_proj", "pattern": "2:4"}])
+    assert stage.pattern_for(0, "layers.0.self_attn.q_proj") == Pattern(sparsity=0.5)
+    assert stage.pattern_for(0, "layers.0.self_attn.q_proj", [0.42, 0.58]) == Pattern(sparsity=0.42)
+    assert stage.pattern_for(1, "layers.1.mlp.up_proj", [0.42, 0.58]) == Pattern(sparsity=0.3)
+    assert stage.pattern_for(0, "layers.0.mlp.up_proj", [0.42, 0.58]) == Pattern(sparsity=0.42)
+    assert stage.pattern_for(1, "layers.1.mlp.down_proj") == Pattern.parse("2:4")  # the last match wins
+
+
+def test_preflight_does_not_import_the_pipeline():
+    import subprocess
+    import sys
+
+    code = "import sys, sdsonnx.preflight; sys.exit('sdsonnx.pipeline' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..pattern import Pattern
-from ..prune import prune
+from ..prune import PruneOptions, prune
 from ..stats import LayerStats
 from .adjust import satisfies_pattern, soft_mask_adjust
 from .objective import reconstruction_loss
@@ -16,16 +16,16 @@ from .objective import reconstruction_loss
 def second_prune(method: str, w_dense: torch.Tensor, w_redense: torch.Tensor, w_first: torch.Tensor,
                  stats: LayerStats, pattern: Pattern, adjust: bool = True, max_iter: int = 50,
                  tol: float = 1e-6, early_exit: bool = False, precondition: bool = True,
-                 sparsegpt_options: dict | None = None) -> tuple[torch.Tensor, dict]:
+                 options: PruneOptions | None = None) -> tuple[torch.Tensor, dict]:
     """W [d_out, d_in]: prune(method, W_redense) (Eq. 5's W^sparse-2nd), soft-mask adjusted unless it already beats
-    W_first (early exit); the first prune is kept when neither beats it on R. sparsegpt_options: the first prune's
-    blocksize and percdamp, so both prunes are the same SparseGPT."""
+    W_first (early exit); the first prune is kept when neither beats it on R. options: the first prune's (e.g. its
+    SparseGPT blocksize and percdamp), so both prunes are the same pruner; None: the method's defaults."""
     if not (w_dense.shape == w_redense.shape == w_first.shape) or w_dense.dim() != 2:
         raise ValueError(f"w_dense {tuple(w_dense.shape)}, w_redense {tuple(w_redense.shape)} and w_first "
                          f"{tuple(w_first.shape)} must be the same 2-D shape")
     h = stats.hessian.to(w_dense.device)
     w_ref = w_dense.float()
-    w_second, _ = prune(method, w_redense.float(), stats, pattern, sparsegpt_options)
+    w_second, _ = prune(method, w_redense.float(), stats, pattern, options)
     w_second = w_second.float()
     r_first = reconstruction_loss(w_first.float(), w_ref, h)
     r_second = reconstruction_loss(w_second, w_ref, h)
