@@ -83,16 +83,34 @@ def run(recipe: str, output: str | None, no_progress: bool) -> None:
 @click.option("--data", default="wiki-extracts", show_default=True, help="Evaluation text source.")
 @click.option("--window", default=2048, show_default=True, help="Tokens per window.")
 @click.option("--max-tokens", type=int, default=None, help="Cap on evaluation tokens.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (perplexity, tokens, windows, window, seconds, load_seconds, "
+                   "peak_rss_bytes, model, data, max_tokens) and no progress bar.")
 @_fail_cleanly
-def eval_(model: str, data: str, window: int, max_tokens: int | None) -> None:
+def eval_(model: str, data: str, window: int, max_tokens: int | None, as_json: bool) -> None:
     """Print the perplexity of MODEL (checkpoint dir, smollm2-135m, GGUF or hub id) on evaluation text."""
+    import json
+    import resource
+    import time
+
     from .data import evaluation_windows, load_split_texts
     from .evaluate import perplexity
     from .models import load_model
 
+    start = time.perf_counter()
     net, tokenizer = load_model(model)
     windows = evaluation_windows(tokenizer, load_split_texts(data, "evaluation"), window, max_tokens)
-    click.echo(f"perplexity {perplexity(net, windows):.4f} ({windows.numel()} tokens, {windows.shape[0]} windows of {window})")
+    loaded = time.perf_counter()
+    ppl = perplexity(net, windows, progress=not as_json)
+    if not as_json:
+        click.echo(f"perplexity {ppl:.4f} ({windows.numel()} tokens, {windows.shape[0]} windows of {window})")
+        return
+    click.echo(json.dumps({
+        "perplexity": ppl, "tokens": int(windows.numel()), "windows": int(windows.shape[0]), "window": window,
+        "seconds": round(time.perf_counter() - loaded, 3), "load_seconds": round(loaded - start, 3),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: ru_maxrss in KiB
+        "model": model, "data": data, "max_tokens": max_tokens,
+    }))
 
 
 @main.command()

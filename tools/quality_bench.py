@@ -4,8 +4,8 @@ Protocol (keep it fixed, later versions are compared against it):
   model        smollm2-135m (full, 30 blocks, float32)
   calibration  wiki-extracts calibration part, 64 segments x 512 tokens, seed 0
   evaluation   wiki-extracts evaluation part, 80 windows x 512 tokens (40,960 tokens)
-Each run is `sdsonnx run` on a generated recipe in its own process, so wall time and peak RSS belong to that
-run alone. Results are merged into docs/benchmarks/quality.json (one record per run, keyed by case) and the
+Each run is `sdsonnx run` on a generated recipe (the dense row: `sdsonnx eval --json`) in its own process, so
+wall time and peak RSS belong to that run alone. Results are merged into docs/benchmarks/quality.json (one record per run, keyed by case) and the
 markdown table between the quality markers of docs/BENCHMARKS.md is regenerated from all records.
 
   .venv/bin/python tools/quality_bench.py --cases dense,magnitude:0.5,wanda:2:4,sparsegpt:4:8
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -65,9 +64,9 @@ def parse_case(case: str) -> tuple[bool, str, str, str]:
 
 
 def case_recipe(case: str) -> dict:
-    """A case -> recipe dict on the fixed protocol ('dense' is measured by DENSE_SNIPPET instead)."""
+    """A case -> recipe dict on the fixed protocol ('dense' is measured by `sdsonnx eval --json` instead)."""
     if case == "dense":
-        raise ValueError("the dense model is measured by DENSE_SNIPPET, not by a pruning run")
+        raise ValueError("the dense model is measured by `sdsonnx eval --json`, not by a pruning run")
     sds, method, pattern, variant = parse_case(case)
     recipe = json.loads(json.dumps(PROTOCOL))
     recipe["evaluation"].update(dense=False, each_step=True)
@@ -96,11 +95,11 @@ def run_case(case: str, sdsonnx: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if case == "dense":
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", DENSE_SNIPPET], capture_output=True, text=True, cwd=ROOT)
+            proc = subprocess.run(dense_command(sdsonnx), capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
                 raise RuntimeError(proc.stderr[-3000:])
             measured = json.loads(proc.stdout.strip().splitlines()[-1])
-            report = {"perplexity": {"dense": measured["ppl"]}, "peak_rss_bytes": measured["peak_rss"],
+            report = {"perplexity": {"dense": measured["perplexity"]}, "peak_rss_bytes": measured["peak_rss_bytes"],
                       "wall_seconds": {"total": time.perf_counter() - start}, "stages": [], "method": "dense",
                       "pattern": "dense", "profile": "uniform"}
         else:
@@ -146,17 +145,11 @@ def kept_counts(report: dict) -> dict[str, int]:
     return counts
 
 
-DENSE_SNIPPET = f"""
-import json, resource
-from sdsonnx.data import evaluation_windows, load_split_texts
-from sdsonnx.evaluate import perplexity
-from sdsonnx.models import load_model
-model, tok = load_model({PROTOCOL['model']!r})
-ev = {PROTOCOL['evaluation']!r}
-windows = evaluation_windows(tok, load_split_texts(ev['source'], 'evaluation'), ev['window'], ev['max_tokens'])
-ppl = perplexity(model, windows, progress=False)
-print(json.dumps({{"ppl": ppl, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
-"""
+def dense_command(sdsonnx: str) -> list[str]:
+    """`sdsonnx eval --json` on the protocol's model and evaluation text (the dense row)."""
+    ev = PROTOCOL["evaluation"]
+    return [sdsonnx, "eval", PROTOCOL["model"], "--data", ev["source"], "--window", str(ev["window"]),
+            "--max-tokens", str(ev["max_tokens"]), "--json"]
 
 
 def load_records() -> list[dict]:
