@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .blocks import BlockInputs, capture_block_inputs, find_blocks, run_block, target_linears
 from .recipe import PruneStage, Recipe
+from .report import ModuleRecord, StageRecord
 from .stages import STAGES, ModuleContext
 from .stats import LayerStats, output_error
 
@@ -49,7 +50,7 @@ class StreamKey:
 class PipelineResult:
     """What a run produced besides the pruned model (which is modified in place)."""
 
-    modules: dict[str, dict] = field(default_factory=dict)  # per-module records
+    modules: dict[str, ModuleRecord] = field(default_factory=dict)  # report.json's per-module records
     stage_seconds: list[float] = field(default_factory=list)
     snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # version -> {name: W}
     block_sparsity: list[float] | None = None  # OWL profile, when used
@@ -215,18 +216,16 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
             t0 = time.perf_counter()
             weight, info = STAGES[stage.kind](stage, versions[i][name], ctx)
             out[name] = weight.float()
-            record = {"stage": stage.kind, "sparsity": float((weight == 0).float().mean()),
-                      "error": output_error(ctx.dense, weight, stats[name].hessian),
-                      "seconds": time.perf_counter() - t0, **info}
-            entry = result.modules.setdefault(name, {"block": index, "pattern": str(ctx.pattern),
-                                                     "shape": list(weight.shape), "numel": weight.numel(), "stages": []})
-            entry["stages"].append(record)
+            record = StageRecord(stage.kind, float((weight == 0).float().mean()),
+                                 output_error(ctx.dense, weight, stats[name].hessian), time.perf_counter() - t0, info)
+            entry = result.modules.setdefault(name, ModuleRecord(index, str(ctx.pattern), list(weight.shape),
+                                                                 weight.numel()))
+            entry.stages.append(record)
         versions.append(out)
         del stats
         result.stage_seconds[i] += time.perf_counter() - start
     for name in linears:
-        entry = result.modules[name]
-        entry["sparsity"], entry["error"] = entry["stages"][-1]["sparsity"], entry["stages"][-1]["error"]
+        result.modules[name].finish()
     if result.figure_module in linears:
         result.figure_versions = [v[result.figure_module].cpu().clone() for v in versions]
     return versions, advanced

@@ -1,11 +1,11 @@
 """`sdsonnx run`: check the recipe, load model and data, prune, evaluate, save checkpoint and report."""
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import resource
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,6 +17,8 @@ from .models import load_model
 from .pipeline import DTYPES, PipelineResult, prune_model
 from .preflight import check_recipe
 from .recipe import Recipe
+from .report import (CalibrationRecord, EvaluationRecord, ExportRecord, FigureRecord, HostRecord, RunReport,
+                     ValidationRecord, write_report)
 
 log = logging.getLogger(__name__)
 
@@ -55,39 +57,43 @@ def step_perplexities(model, windows, recipe: Recipe, result: PipelineResult, pr
     return steps
 
 
+@contextmanager
+def timed(wall: dict[str, float], key: str):
+    """Add the wall-clock seconds the with-block takes to wall[key]."""
+    start = time.perf_counter()
+    yield
+    wall[key] = wall.get(key, 0.0) + time.perf_counter() - start
+
+
 def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", progress: bool = True) -> dict:
-    """Run every stage of the recipe and write checkpoint, resolved recipe and report.json into `output`."""
+    """Run every stage of the recipe and write checkpoint, resolved recipe and report.json into `output`;
+    returns report.json's object (RunReport.to_dict())."""
     check_recipe(recipe, recipe_path, output)
     wall: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(recipe.model, DTYPES[recipe.dtype], recipe.num_blocks)
-    cal = recipe.calibration
-    calibration = calibration_segments(tokenizer, load_split_texts(cal.source, "calibration"),
-                                       cal.segments * cal.parts, cal.length, cal.seed)
-    windows = evaluation_data(recipe, tokenizer)
-    wall["load"] = time.perf_counter() - t0
+    with timed(wall, "load"):
+        model, tokenizer = load_model(recipe.model, DTYPES[recipe.dtype], recipe.num_blocks)
+        cal = recipe.calibration
+        calibration = calibration_segments(tokenizer, load_split_texts(cal.source, "calibration"),
+                                           cal.segments * cal.parts, cal.length, cal.seed)
+        windows = evaluation_data(recipe, tokenizer)
 
     ppl: dict[str, float] = {}
     if windows is not None and recipe.evaluation.dense:
-        t0 = time.perf_counter()
-        ppl["dense"] = perplexity(model, windows, progress=progress)
-        wall["eval_dense"] = time.perf_counter() - t0
+        with timed(wall, "eval_dense"):
+            ppl["dense"] = perplexity(model, windows, progress=progress)
         log.info("dense perplexity %.3f", ppl["dense"])
 
-    t0 = time.perf_counter()
-    result = prune_model(model, recipe, calibration, progress=progress)
-    wall["prune"] = time.perf_counter() - t0
+    with timed(wall, "prune"):
+        result = prune_model(model, recipe, calibration, progress=progress)
     for stage, seconds in zip(recipe.stages, result.stage_seconds):
         wall[f"stage_{stage.kind}"] = wall.get(f"stage_{stage.kind}", 0.0) + seconds
 
     if windows is not None:
-        t0 = time.perf_counter()
         if result.snapshots:  # optional reporting (evaluation.each_step), timed apart from the final evaluation
-            ppl.update(step_perplexities(model, windows, recipe, result, progress))
-            wall["eval_steps"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-        ppl["pruned"] = perplexity(model, windows, progress=progress)
-        wall["eval_pruned"] = time.perf_counter() - t0
+            with timed(wall, "eval_steps"):
+                ppl.update(step_perplexities(model, windows, recipe, result, progress))
+        with timed(wall, "eval_pruned"):
+            ppl["pruned"] = perplexity(model, windows, progress=progress)
         log.info("pruned perplexity %.3f", ppl["pruned"])
 
     output.mkdir(parents=True, exist_ok=True)
@@ -96,29 +102,30 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
     (output / "recipe.resolved.yaml").write_text(recipe.to_yaml())
     report = build_report(recipe, result, ppl, wall, windows, calibration)
     if result.figure_versions:
-        report["weight_figure"] = {"module": result.figure_module, "file": draw_weight_figure(recipe, result, ppl, output).name}
-    (output / "report.json").write_text(json.dumps(report, indent=2))
+        report.weight_figure = FigureRecord(result.figure_module, draw_weight_figure(recipe, result, ppl, output).name)
+    write_report(report, output)
     if recipe.export is not None:
-        report.update(export_run(recipe, output, report["wall_seconds"]))
-        (output / "report.json").write_text(json.dumps(report, indent=2))
-    return report
+        report.export = export_run(recipe, output, report.wall_seconds)
+        write_report(report, output)
+    return report.to_dict()
 
 
-def export_run(recipe: Recipe, output: Path, wall: dict) -> dict:
-    """Export the run's checkpoint to output/onnx and validate it when the recipe asks; report entries."""
-    from .export import export_checkpoint
-    from .validate import validate_artifact
+def export_run(recipe: Recipe, output: Path, wall: dict[str, float]) -> ExportRecord:
+    """Export the run's checkpoint to output/onnx and validate it when the recipe asks; adds the times to `wall`."""
+    from .artifact.export import export_checkpoint
+    from .artifact.validate import validate_artifact
 
-    t0 = time.perf_counter()
-    export_checkpoint(output, output / "onnx", task=recipe.export.task, opset=recipe.export.opset)
-    wall["export"] = round(time.perf_counter() - t0, 3)
+    seconds: dict[str, float] = {}
+    with timed(seconds, "export"):
+        export_checkpoint(output, output / "onnx", task=recipe.export.task, opset=recipe.export.opset)
+    wall["export"] = round(seconds["export"], 3)
     if not recipe.export.validate_artifact:
-        return {"export": {"folder": "onnx", "validation": None}}
-    t0 = time.perf_counter()
-    checked = validate_artifact(output / "onnx", output)
-    wall["validate"] = round(time.perf_counter() - t0, 3)
+        return ExportRecord("onnx", None)
+    with timed(seconds, "validate"):
+        checked = validate_artifact(output / "onnx", output)
+    wall["validate"] = round(seconds["validate"], 3)
     failures = [f"{f.check}: {f.subject}: {f.message}" for f in checked.failures]
-    return {"export": {"folder": "onnx", "validation": {"ok": checked.ok, "failures": failures}}}
+    return ExportRecord("onnx", ValidationRecord(checked.ok, failures))
 
 
 def version_perplexities(recipe: Recipe, ppl: dict[str, float]) -> list[float | None]:
@@ -136,31 +143,22 @@ def draw_weight_figure(recipe: Recipe, result: PipelineResult, ppl: dict[str, fl
     return weight_figure(result.figure_module, result.figure_versions, titles, output / FIGURE_FILE)
 
 
-def build_report(recipe: Recipe, result: PipelineResult, ppl: dict, wall: dict, windows, calibration) -> dict:
+def build_report(recipe: Recipe, result: PipelineResult, ppl: dict[str, float], wall: dict[str, float],
+                 windows: torch.Tensor | None, calibration: torch.Tensor) -> RunReport:
     """report.json: per-module sparsity/pattern/error, perplexities, wall time per stage, peak memory."""
-    pruned = sum(m["sparsity"] * _numel(m) for m in result.modules.values())
-    total = sum(_numel(m) for m in result.modules.values())
-    return {
-        "sdsonnx_version": __version__,
-        "recipe_hash": recipe.digest(),
-        "model": recipe.model,
-        "method": recipe.first_prune.method,
-        "stages": [s.kind for s in recipe.stages],
-        "pattern": str(recipe.first_prune.base_pattern),
-        "profile": recipe.first_prune.profile,
-        "calibration": {"source": recipe.calibration.source, "segments": int(calibration.shape[0]),
-                        "length": int(calibration.shape[1]), "seed": recipe.calibration.seed},
-        "evaluation": None if windows is None else {"source": recipe.evaluation.source, "windows": int(windows.shape[0]),
-                                                    "window": int(windows.shape[1]), "tokens": int(windows.numel())},
-        "perplexity": ppl,
-        "global_sparsity": pruned / max(total, 1),
-        "wall_seconds": {k: round(v, 3) for k, v in wall.items()},
-        "peak_rss_bytes": peak_rss_bytes(),
-        "block_sparsity": result.block_sparsity,
-        "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "modules": result.modules,
-    }
-
-
-def _numel(module_record: dict) -> int:
-    return module_record["numel"]
+    modules = result.modules.values()
+    total = sum(m.numel for m in modules)
+    evaluation = None if windows is None else EvaluationRecord(recipe.evaluation.source, int(windows.shape[0]),
+                                                               int(windows.shape[1]), int(windows.numel()))
+    return RunReport(
+        sdsonnx_version=__version__, recipe_hash=recipe.digest(), model=recipe.model, method=recipe.first_prune.method,
+        stages=[s.kind for s in recipe.stages], pattern=str(recipe.first_prune.base_pattern),
+        profile=recipe.first_prune.profile,
+        calibration=CalibrationRecord(recipe.calibration.source, int(calibration.shape[0]), int(calibration.shape[1]),
+                                      recipe.calibration.seed),
+        evaluation=evaluation, perplexity=ppl,
+        global_sparsity=sum(m.sparsity * m.numel for m in modules) / max(total, 1),
+        wall_seconds={k: round(v, 3) for k, v in wall.items()}, peak_rss_bytes=peak_rss_bytes(),
+        block_sparsity=result.block_sparsity,
+        host=HostRecord(platform.python_version(), torch.__version__, torch.get_num_threads()),
+        modules=result.modules)

@@ -2,29 +2,12 @@
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, OPTConfig, Qwen2Config
 
 from sdsonnx.blocks import (UnsupportedModelError, capture_block_inputs, find_blocks, run_block, select_targets,
                             target_linears, unmatched_patterns)
+from tiny_models import CONFIGS, tiny
 
-COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256)
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**COMMON, intermediate_size=128, num_key_value_heads=2),
-    "qwen2": lambda: Qwen2Config(**COMMON, intermediate_size=128, num_key_value_heads=2),
-    "opt": lambda: OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                             ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64),
-    # sliding window smaller than the sequence, so local and global layers really differ
-    "gemma3": lambda: Gemma3TextConfig(**COMMON, intermediate_size=128, num_key_value_heads=2, head_dim=16,
-                                       sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
-}
 EXPECTED_LINEARS = {"llama": 7, "qwen2": 7, "opt": 6, "gemma3": 7}
-
-
-def tiny(arch):
-    torch.manual_seed(0)
-    config = CONFIGS[arch]()
-    config._attn_implementation = "eager"
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))

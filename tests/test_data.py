@@ -4,21 +4,10 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
 from sdsonnx.data import (DataSourceError, calibration_segments, classify_data_source, evaluation_windows,
                           load_split_texts, prepends_bos)
-
-
-def word_tokenizer(words: int, bos: bool = False) -> PreTrainedTokenizerFast:
-    """Whitespace word tokenizer: "<s>" = 0 (BOS), "<unk>" = 1, w{i} -> i + 2; bos=True prepends <s>."""
-    vocab = {"<s>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
+from tiny_models import word_tokenizer
 
 
 def doc(i: int, size: int = 10) -> str:

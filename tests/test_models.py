@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from sdsonnx.models import (BUILTIN_MODELS, ModelSourceError, builtin_gguf_path, classify_model_source,
                             keep_first_blocks, load_model, model_config, resolve_model_dir)
-from test_data import word_tokenizer
+from tiny_models import word_tokenizer
 
 
 @pytest.fixture

@@ -7,15 +7,11 @@ from sdsonnx.masks import nm_violations
 from sdsonnx.pipeline import collect_stats, prune_model
 from sdsonnx.recipe import parse_recipe
 
-from test_blocks import CONFIGS, tiny
+from tiny_models import CONFIGS, calibration, tiny
 
 
 def recipe(stage, **extra):
     return parse_recipe({"model": "unused", "device": "cpu", "evaluation": None, "stages": [stage], **extra})
-
-
-def calibration(n=4, length=32):
-    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(2))
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
@@ -33,7 +29,7 @@ def test_every_target_gets_exact_pattern_and_nothing_else_changes(arch, method):
     for key, value in model.state_dict().items():
         if key.removesuffix(".weight") not in targets:
             assert torch.equal(value, before[key]), key  # head, embeddings, norms, biases untouched
-    assert all(r["error"] > 0 for r in result.modules.values())
+    assert all(r.error > 0 for r in result.modules.values())
 
 
 def test_unstructured_sparsity_overrides_and_ignore():
@@ -69,7 +65,7 @@ def test_statistics_of_later_blocks_come_from_the_pruned_model():
             m.weight.copy_(dense_block1[n])  # statistics are taken with the block's input (dense) weights
     from_pruned = collect_stats(blocks[1], linears, pruned_out0, inputs.kwargs[1])[name].hessian
     from_dense = collect_stats(blocks[1], linears, dense_out0, inputs.kwargs[1])[name].hessian
-    reported = result.modules[name]["error"]
+    reported = result.modules[name].error
     assert reported == pytest.approx(output_error(dense_block1[name], pruned_w, from_pruned), rel=1e-4)
     assert reported != pytest.approx(output_error(dense_block1[name], pruned_w, from_dense), rel=1e-3)
 

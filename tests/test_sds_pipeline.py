@@ -7,8 +7,7 @@ from sdsonnx.masks import nm_violations
 from sdsonnx.pipeline import prune_model, stream_key
 from sdsonnx.recipe import parse_recipe
 
-from test_blocks import CONFIGS, tiny
-from test_pipeline import calibration
+from tiny_models import CONFIGS, calibration, tiny
 
 SDS = [{"kind": "redense", "max_iter": 30}, {"kind": "second_prune", "max_iter": 30}]
 
@@ -31,11 +30,11 @@ def test_sds_keeps_the_pattern_and_is_never_worse_than_the_first_prune(arch, fir
     final = weights(model)
     assert set(result.modules) == set(final)
     for name, rec in result.modules.items():
-        kinds = [s["stage"] for s in rec["stages"]]
+        kinds = [s.stage for s in rec.stages]
         assert kinds == ["prune", "redense", "second_prune"], name
-        redense, second = rec["stages"][1], rec["stages"][2]
-        assert redense["sparsity"] < 0.5  # re-dense reactivated pruned weights
-        assert redense["loss_after"] < redense["loss_before"]
+        redense, second = rec.stages[1], rec.stages[2].details
+        assert redense.sparsity < 0.5  # re-dense reactivated pruned weights
+        assert redense.details["loss_after"] < redense.details["loss_before"]
         assert second["kept"] in ("first", "second", "adjusted")
         assert second["loss_" + second["kept"]] <= second["loss_first"]
         w = final[name]
@@ -55,9 +54,9 @@ def test_first_prune_output_is_what_second_prune_falls_back_to():
                                            {"kind": "second_prune", "adjust": False}), calibration(), progress=False)
     plain_w, sds_w = weights(plain), weights(model)
     for name, rec in result.modules.items():
-        if rec["stages"][2]["kept"] == "first":
+        if rec.stages[2].details["kept"] == "first":
             assert torch.equal(sds_w[name], plain_w[name]), name
-    assert any(rec["stages"][2]["kept"] == "first" for rec in result.modules.values())
+    assert any(rec.stages[2].details["kept"] == "first" for rec in result.modules.values())
 
 
 @pytest.mark.parametrize("data, versions", [("sparse", {1}), ("dense", {0}), ("self", {2, 3})])

@@ -1,4 +1,8 @@
-"""Tiny random LLaMA / OPT / Qwen2 checkpoints built from configs (no hub access), for tests.
+"""The one place tests build tiny models, checkpoints, tokenizers and calibration ids (no hub access).
+
+`tiny(arch)` builds a 3-block random model of four architectures (CONFIGS) for the layer-wise loop;
+`calibration()` gives seeded token ids for it; `word_tokenizer(words)` is a whitespace word tokenizer with
+predictable ids.
 
 `tiny_checkpoint("llama", folder, pattern="2:4")` writes a Hugging Face folder (config.json, model.safetensors,
 a word-level tokenizer) whose decoder Linears are magnitude-pruned to the pattern, plus an optional
@@ -11,15 +15,50 @@ import json
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, OPTConfig, PreTrainedTokenizerFast,
+                          Qwen2Config)
 
 VOCAB = 128
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON, intermediate_size=128, num_key_value_heads=2),
+    "qwen2": lambda: Qwen2Config(**COMMON, intermediate_size=128, num_key_value_heads=2),
+    "opt": lambda: OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                             ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64),
+    # sliding window smaller than the sequence, so local and global layers really differ
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                       sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+}
+
+
+def tiny(arch: str) -> nn.Module:
+    """A 3-block random `arch` model (CONFIGS), eager attention, eval mode, seed 0."""
+    torch.manual_seed(0)
+    config = CONFIGS[arch]()
+    config._attn_implementation = "eager"
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def calibration(n: int = 4, length: int = 32) -> torch.Tensor:
+    """Seeded calibration token ids [n, length] below vocab 128."""
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(2))
+
+
+def word_tokenizer(words: int, bos: bool = False) -> PreTrainedTokenizerFast:
+    """Whitespace word tokenizer: "<s>" = 0 (BOS), "<unk>" = 1, w{i} -> i + 2; bos=True prepends <s>."""
+    vocab = {"<s>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
 
 
 def tiny_config(arch: str, **overrides):
     """A small config of `arch` ('llama' | 'opt' | 'qwen2'): hidden 64, 2 blocks, vocab 128."""
-    from transformers import LlamaConfig, OPTConfig, Qwen2Config
-
     if arch == "llama":
         cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -40,9 +79,6 @@ def tiny_config(arch: str, **overrides):
 
 def tiny_tokenizer(vocab_size: int = VOCAB):
     """A word-level fast tokenizer over tokens '<pad>', '<s>', '</s>', '<unk>', 'w4', 'w5', ..."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {t: i for i, t in enumerate(specials)}
     vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
@@ -95,8 +131,6 @@ def prune_(model: nn.Module, pattern: str | float) -> dict[str, dict]:
 def tiny_checkpoint(arch: str, folder: Path, pattern: str | float | None = "2:4", seed: int = 0,
                     report: bool = True, **overrides) -> Path:
     """Write a tiny random `arch` checkpoint (pruned to `pattern` unless None) and return its folder."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides)).float().eval()
     records = prune_(model, pattern) if pattern is not None else {}
