@@ -5,16 +5,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sdsonnx.evaluate import perplexity
+from tiny_models import small_llama
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return small_llama(vocab_size=40, num_hidden_layers=2, max_position_embeddings=32)
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 5])

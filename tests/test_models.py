@@ -3,20 +3,17 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import LlamaConfig, Qwen2Config
 
 from sdsonnx.models import (BUILTIN_MODELS, ModelSourceError, builtin_gguf_path, classify_model_source,
                             keep_first_blocks, load_model, model_config, resolve_model_dir)
-from tiny_models import word_tokenizer
+from tiny_models import small_llama, word_tokenizer
 
 
 @pytest.fixture
 def tiny_llama_dir(tmp_path):
     """A saved 3-block random LLaMA with a word-level tokenizer."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    model = AutoModelForCausalLM.from_config(config)
+    model = small_llama(vocab_size=64, num_hidden_layers=3, max_position_embeddings=64)
     folder = tmp_path / "tiny"
     model.save_pretrained(folder, safe_serialization=True)
     word_tokenizer(60).save_pretrained(folder)

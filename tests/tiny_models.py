@@ -42,6 +42,14 @@ def tiny(arch: str) -> nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def small_llama(vocab_size: int, num_hidden_layers: int, max_position_embeddings: int) -> nn.Module:
+    """A random LLaMA of hidden size 16 (2 heads, 1 KV head, MLP 32), seed 0, eval mode."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=num_hidden_layers,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_position_embeddings)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def calibration(n: int = 4, length: int = 32) -> torch.Tensor:
     """Seeded calibration token ids [n, length] below vocab 128."""
     return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(2))
