@@ -136,7 +136,7 @@ def inspect(model: str) -> None:
 @_fail_cleanly
 def export_(checkpoint: str, out: str, task: str, opset: int | None, external_data: bool) -> None:
     """Export CHECKPOINT (HF folder) to OUT: model.onnx with sdsonnx.* sparsity metadata, tokenizer, sdsonnx.json."""
-    from .export import ExportError, export_checkpoint
+    from .artifact.export import ExportError, export_checkpoint
 
     try:
         manifest = export_checkpoint(checkpoint, out, task=task, opset=opset, external_data=external_data or None)
@@ -157,7 +157,7 @@ def export_(checkpoint: str, out: str, task: str, opset: int | None, external_da
 @_fail_cleanly
 def validate(out: str, checkpoint: str | None, atol: float | None, rtol: float | None) -> None:
     """Check the export in OUT (numerics, N:M sparsity, metadata); write OUT/validation.json; exit 2 on failure."""
-    from .validate import DEFAULT_ATOL, DEFAULT_RTOL, format_report, validate_artifact
+    from .artifact.validate import DEFAULT_ATOL, DEFAULT_RTOL, format_report, validate_artifact
 
     report = validate_artifact(out, checkpoint, atol=DEFAULT_ATOL if atol is None else atol,
                                rtol=DEFAULT_RTOL if rtol is None else rtol)

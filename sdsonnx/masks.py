@@ -1,12 +1,20 @@
 """Pruning masks (True = kept) from importance scores, and N:M pattern checks.
 
 Tie-breaking everywhere: among equal scores, the weight with the lower flat index is pruned first.
+
+Pattern detection lives here, beside the masks it checks: `STANDARD_NM` is the one table of n:m patterns
+sdsonnx names (inspect, export metadata, validate, bench), and `satisfied_patterns` / `pattern_name` /
+`first_group_violation` are the only detectors; all rest on `nm_violations`. `pattern.py` stays the
+description of a *request* (what a pruner must produce) and holds no tensor code.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .pattern import Pattern
+
+STANDARD_NM = ((1, 4), (2, 8), (2, 4), (4, 8))  # tightest first: 1:4 implies 2:8, 2:4 implies 4:8
 
 
 def prune_count(sparsity: float, count: int) -> int:
@@ -97,3 +105,66 @@ def sparsity_of(w: torch.Tensor) -> float:
     if w.numel() == 0:
         return 0.0
     return float((w == 0).sum()) / w.numel()
+
+
+def _as_tensor(w: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A torch view of a numpy array (copied only when read-only or not C-contiguous), or the tensor itself."""
+    if isinstance(w, torch.Tensor):
+        return w.detach()
+    return torch.from_numpy(np.require(w, requirements=["C", "W"]))
+
+
+def satisfied_patterns(w: np.ndarray | torch.Tensor, axis: int = 1) -> list[str]:
+    """w 2-D -> the STANDARD_NM patterns (tightest first) every group of m inputs along `axis` satisfies.
+
+    Empty when w has no zero (a dense weight satisfies no pattern) or none holds; -0.0 counts as zero.
+    """
+    t = _as_tensor(w)
+    if not bool((t == 0).any()):
+        return []
+    return [f"{n}:{m}" for n, m in STANDARD_NM if t.shape[axis] % m == 0 and len(nm_violations(t, n, m, axis)) == 0]
+
+
+def tightest(satisfied: list[str] | None) -> str:
+    """Name of a satisfied-pattern list: 'dense' for None (no zero), its first (tightest) entry, else 'unstructured'."""
+    if satisfied is None:
+        return "dense"
+    return satisfied[0] if satisfied else "unstructured"
+
+
+def pattern_name(w: np.ndarray | torch.Tensor, axis: int = 1) -> str:
+    """'dense' (no zero), else the tightest STANDARD_NM pattern satisfied along `axis`, else 'unstructured'."""
+    return tightest(satisfied_patterns(w, axis) if bool((_as_tensor(w) == 0).any()) else None)
+
+
+def first_group_violation(stored: np.ndarray, axis: int, n: int, m: int) -> tuple[int, str] | None:
+    """(number of groups with > n nonzeros of m along `axis`, description of the first) or None when all pass."""
+    if stored.shape[axis] % m:
+        return 1, f"input axis {axis} has length {stored.shape[axis]}, not a multiple of {m}"
+    bad = nm_violations(_as_tensor(stored), n, m, axis=axis)
+    if len(bad) == 0:
+        return None
+    row, group = (int(v) for v in bad[0])
+    lo, hi = group * m, group * m + m
+    block = stored[row, lo:hi] if axis == 1 else stored[lo:hi, row]
+    where = f"[{row}, {lo}:{hi}]" if axis == 1 else f"[{lo}:{hi}, {row}]"
+    return len(bad), (f"stored elements {where} (output {row}, inputs {lo}..{hi - 1}) hold "
+                      f"{int(np.count_nonzero(block))} nonzeros > {n}")
+
+
+def requested_nm(requested: object) -> tuple[int, int] | None:
+    """(n, m) of an 'n:m' request as report.json / sdsonnx.json record it; None for unstructured or no request."""
+    if not isinstance(requested, str) or ":" not in requested:
+        return None
+    pattern = Pattern.parse(requested)
+    return pattern.n, pattern.m
+
+
+def request_violation(w: np.ndarray, axis: int, requested: object) -> str | None:
+    """Why w (stored with inputs along `axis`) breaks the n:m `requested`; None when it holds or is not n:m."""
+    nm = requested_nm(requested)
+    found = None if nm is None else first_group_violation(w, axis, *nm)
+    if found is None:
+        return None
+    count, first = found
+    return f"{count} group(s) break {requested}; first: {first}"

@@ -4,10 +4,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-import torch
 from torch import nn
-
-STANDARD_NM = ((1, 4), (2, 4), (2, 8), (4, 8))
 
 
 def table(rows: list[list], header: list[str]) -> str:
@@ -17,18 +14,6 @@ def table(rows: list[list], header: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def detect_pattern(weight: torch.Tensor) -> str:
-    """The tightest standard n:m pattern every group satisfies along d_in, else 'unstructured'/'dense'."""
-    from .masks import nm_violations
-
-    if not bool((weight == 0).any()):
-        return "dense"
-    for n, m in sorted(STANDARD_NM, key=lambda p: p[0] / p[1]):
-        if weight.shape[1] % m == 0 and len(nm_violations(weight, n, m)) == 0:
-            return f"{n}:{m}"
-    return "unstructured"
 
 
 def run_summary(report: dict) -> str:
@@ -55,10 +40,11 @@ def run_summary(report: dict) -> str:
 def inspect_rows(model: nn.Module) -> list[list]:
     """Per target Linear of the decoder blocks: name, shape, sparsity, detected pattern."""
     from .blocks import target_linears
+    from .masks import pattern_name
 
     rows = []
     for mods in target_linears(model).values():
         for name, mod in mods.items():
             w = mod.weight.detach()
-            rows.append([name, "x".join(map(str, w.shape)), f"{float((w == 0).float().mean()):.4f}", detect_pattern(w)])
+            rows.append([name, "x".join(map(str, w.shape)), f"{float((w == 0).float().mean()):.4f}", pattern_name(w)])
     return rows

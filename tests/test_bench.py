@@ -18,9 +18,9 @@ from sdsonnx.bench.deepsparse_compat import (DeepSparseCompatError, lower_ir_ver
 from sdsonnx.bench.deepsparse_env import DeepSparseUnavailable, crash_summary, find_deepsparse_python, run_worker
 from sdsonnx.bench.graphs import strip_past
 from sdsonnx.bench.timing import interleaved_times, paired_speedup, summarize
-from sdsonnx.bench.workload import Case, ModelInfo, load_model_info, make_feeds, work_share
+from sdsonnx.bench.workload import BenchError, Case, ModelInfo, load_model_info, make_feeds, work_share
 from sdsonnx.cli import main
-from sdsonnx.export import export_checkpoint
+from sdsonnx.artifact.export import export_checkpoint
 from tiny_models import tiny_checkpoint
 
 WITH_PAST = "text-generation-with-past"
@@ -174,6 +174,43 @@ def test_cases_and_feeds(exports):
     assert feeds["past_key_values.0.key"].shape[2] == 8 and feeds["input_ids"].max() < info.vocab_size
     assert set(make_feeds(info, cases[0])) == {"input_ids", "attention_mask", "position_ids"}
     assert load_model_info(exports["llama_dense"]).sparsity == 0.0
+
+
+def _with_metadata(src: Path, dst: Path, edit) -> Path:
+    """Copy an export folder and apply edit({key: value}) to its model.onnx's metadata_props."""
+    shutil.copytree(src, dst)
+    model = onnx.load(dst / "model.onnx")
+    props = {p.key: p.value for p in model.metadata_props}
+    edit(props)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, dst / "model.onnx")
+    return dst
+
+
+def test_pruned_weights_are_the_ones_the_metadata_lists(exports, tmp_path):
+    """Not a zeros rule: drop one 50%-zero weight from sdsonnx.initializers and it no longer counts as pruned."""
+    src = exports["llama_24"]
+    listed = json.loads({p.key: p.value for p in onnx.load(src / "model.onnx", load_external_data=False)
+                         .metadata_props}["sdsonnx.initializers"])
+    assert set(load_model_info(src).pruned) == set(listed) and len(listed) == 14
+    dropped = sorted(listed)[0]
+
+    def drop_one(props):
+        entries = json.loads(props["sdsonnx.initializers"])
+        del entries[dropped]
+        props["sdsonnx.initializers"] = json.dumps(entries)
+        props["sdsonnx.pattern"] = "4:8"  # whatever the metadata says is what bench reports
+
+    info = load_model_info(_with_metadata(src, tmp_path / "subset", drop_one))
+    assert set(info.pruned) == set(listed) - {dropped}
+    assert info.weights[dropped][1] == info.weights[dropped][0] // 2 and info.pattern == "4:8"
+    assert load_model_info(exports["llama_dense"]).pruned == {}  # listed, but without a zero
+
+    bare = load_model_info(_with_metadata(src, tmp_path / "bare", lambda props: props.clear()))
+    assert bare.pruned_names is None and set(bare.pruned) == set(listed) and bare.pattern == "2:4"
+    with pytest.raises(BenchError, match="unreadable sdsonnx metadata"):
+        load_model_info(_with_metadata(src, tmp_path / "broken", lambda props: props.pop("sdsonnx.initializers")))
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------

@@ -8,13 +8,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
+from sdsonnx.artifact.checkpoint import weights_digest
+from sdsonnx.artifact.export import ExportError, export_checkpoint
+from sdsonnx.artifact.metadata import global_pattern
+from sdsonnx.artifact.validate import validate_artifact
 from sdsonnx.cli import main
-from sdsonnx.export import (ExportError, export_checkpoint, global_pattern, pattern_name, satisfied_patterns,
-                            weights_digest)
-from sdsonnx.validate import validate_artifact
+from sdsonnx.masks import pattern_name, satisfied_patterns
 from tiny_models import tiny_checkpoint
 
 WITH_PAST, NO_PAST = "text-generation-with-past", "text-generation"
@@ -136,6 +139,8 @@ def test_pattern_helpers():
     assert satisfied_patterns(w, 1) == ["2:4", "4:8"]
     assert pattern_name(np.ones((2, 8), np.float32), 1) == "dense"
     assert pattern_name(np.array([[0, 1, 1, 1, 1, 1, 1, 1]], np.float32), 1) == "unstructured"
+    assert pattern_name(torch.from_numpy(w), 1) == "2:4"  # torch tensors too (inspect reads torch weights)
+    assert satisfied_patterns(np.zeros((1, 6), np.float32), 1) == []  # 6 inputs: no group of 4 or 8 fits
     assert global_pattern([None, None]) == "dense"
     assert global_pattern([["2:4", "4:8"], ["1:4", "2:8", "2:4", "4:8"]]) == "2:4"
     assert global_pattern([["2:4", "4:8"], None]) == "unstructured"
@@ -160,6 +165,26 @@ def test_bad_input(tmp_path):
         export_checkpoint(tmp_path, tmp_path / "out")
     result = CliRunner().invoke(main, ["export", str(tmp_path), str(tmp_path / "out")])
     assert result.exit_code == 2 and "no config.json" in result.output
+
+
+def test_checkpoint_that_missed_the_requested_pattern_does_not_export(tmp_path):
+    """report.json says 2:4, one group of fc1 keeps 3 of 4: export fails (exit 2) before running the exporter."""
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = tiny_checkpoint("opt", tmp_path / "ckpt", pattern="2:4")
+    tensors = load_file(ckpt / "model.safetensors")
+    w = tensors["model.decoder.layers.1.fc1.weight"]
+    w[5, 8 + int(np.flatnonzero(w[5, 8:12] == 0)[0])] = 0.25
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    message = ("model.decoder.layers.1.fc1: report.json requests pattern 2:4 but its checkpoint weight does not "
+               "satisfy it: 1 group(s) break 2:4; first: stored elements [5, 8:12] (output 5, inputs 8..11) "
+               "hold 3 nonzeros > 2")
+    with pytest.raises(ExportError) as caught:
+        export_checkpoint(ckpt, tmp_path / "onnx", task=NO_PAST)
+    assert str(caught.value) == message
+    assert not (tmp_path / "onnx" / "model.onnx").exists()
+    result = CliRunner().invoke(main, ["export", str(ckpt), str(tmp_path / "onnx"), "--task", NO_PAST])
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
 
 
 def test_cli_export_then_validate(tmp_path):

@@ -13,10 +13,12 @@ from onnx import numpy_helper
 from safetensors.numpy import load_file
 
 from sdsonnx.cli import main
-from sdsonnx.export import export_checkpoint
-from sdsonnx.onnx_meta import parse_props
-from sdsonnx.onnx_weights import consumers, load_initializers, map_weights
-from sdsonnx.validate import CASES, DECODE_STEPS, first_group_violation, validate_artifact
+from sdsonnx.artifact.export import export_checkpoint
+from sdsonnx.artifact.initializers import consumers, load_initializers, map_weights
+from sdsonnx.artifact.metadata import (describe_initializer, global_sparsity, parse_props, read_props, to_props,
+                                       write_metadata)
+from sdsonnx.artifact.validate import CASES, DECODE_STEPS, validate_artifact
+from sdsonnx.masks import first_group_violation
 from tiny_models import tiny_checkpoint
 
 
@@ -107,6 +109,33 @@ def test_one_group_breaking_2_4(clean, tmp_path, arch, module, where):
     assert any(m.startswith(f"sdsonnx.initializers[{name}].zeros=") for m in messages(alone, "metadata"))
     assert any(m.startswith("sdsonnx.sparsity=0.5 but the weights it lists give") for m in messages(alone, "metadata"))
     assert "sdsonnx.pattern='2:4' but the weights it lists satisfy 'unstructured'" in messages(alone, "metadata")
+
+
+def test_recorded_request_is_checked_without_a_checkpoint(clean, tmp_path):
+    """sdsonnx.json records 2:4 for up_proj; its initializer breaks 2:4 and the metadata is re-written to match."""
+    ckpt, out = clean["llama"]
+    module = "model.layers.1.mlp.up_proj"
+    name = initializer_of(out, ckpt, module)
+
+    def break_group_and_rewrite_metadata(model):
+        edit_initializer(name, lambda a: a.__setitem__((8 + int(np.flatnonzero(a[8:12, 5] == 0)[0]), 5), 0.25))(model)
+        props = read_props(model)
+        meta, _ = parse_props(props)
+        stored = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+        meta.initializers[name], _ = describe_initializer(module, stored, 0)
+        meta.sparsity, meta.pattern = global_sparsity(meta.initializers), "unstructured"  # validate checks both
+        write_metadata(model, to_props(meta))
+        manifest["sparsity"]["global"] = meta.sparsity
+
+    manifest = json.loads((out / "sdsonnx.json").read_text())
+    bad = tampered(out, tmp_path / "bad", break_group_and_rewrite_metadata)
+    (bad / "sdsonnx.json").write_text(json.dumps(manifest))
+    assert manifest["modules"][module]["recorded"]["pattern"] == "2:4"
+    report = validate_artifact(bad)
+    assert messages(report) == [f"{name} ({module}): 1 group(s) break 2:4, the pattern sdsonnx.json records as "
+                                "requested; first: stored elements [8:12, 5] (output 5, inputs 8..11) hold 3 nonzeros > 2"]
+    result = CliRunner().invoke(main, ["validate", str(bad)])
+    assert result.exit_code == 2 and "VALIDATION FAILED: 1 failure(s)" in result.output
 
 
 def test_one_weight_changed_after_export(clean, tmp_path):

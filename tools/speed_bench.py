@@ -19,7 +19,7 @@ import torch
 
 from sdsonnx.bench import bench_table, write_outputs
 from sdsonnx.bench.core import bench_models
-from sdsonnx.export import export_checkpoint
+from sdsonnx.artifact.export import export_checkpoint
 from sdsonnx.pattern import Pattern
 from sdsonnx.prune.magnitude import magnitude_prune
 

@@ -1,4 +1,11 @@
-"""What is benchmarked: an exported model's inputs for a phase, and how much of its work the pruning removes."""
+"""What is benchmarked: an exported model's inputs for a phase, and how much of its work the pruning removes.
+
+Which weights are pruned, and their pattern, come from the artifact's own `sdsonnx.*` metadata when the model
+has it: the weights `sdsonnx.initializers` lists with at least one zero (a dense export lists its target weights
+with none), and `sdsonnx.pattern`. Only a bare .onnx without that metadata
+falls back to a rule: a MatMul/Gemm weight with at least PRUNED_MIN_ZEROS exact zeros counts as pruned, and
+its pattern is detected from its values (masks.satisfied_patterns along the consuming node's input axis).
+"""
 from __future__ import annotations
 
 import json
@@ -9,8 +16,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-MODEL_FILE = "model.onnx"
-PRUNED_MIN_ZEROS = 0.10  # a weight with at least this share of exact zeros counts as pruned
+from ..artifact.files import MANIFEST, MODEL_FILE
+from ..artifact.initializers import WeightMappingError, consumers, input_axis
+from ..artifact.metadata import SparsityMetadata, global_pattern, parse_props, read_props
+from ..masks import satisfied_patterns
+
+PRUNED_MIN_ZEROS = 0.10  # bare .onnx only: a weight with at least this share of exact zeros counts as pruned
 _FLOAT = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
 
@@ -58,9 +69,14 @@ class ModelInfo:
     vocab_size: int
     weights: dict[str, tuple[int, int]] = field(default_factory=dict)  # MatMul/Gemm weight -> (numel, zeros)
     manifest: dict | None = None
+    pruned_names: frozenset[str] | None = None  # from sdsonnx.initializers; None: no metadata, the zeros rule
+    found_pattern: str | None = None  # sdsonnx.pattern, or the pattern detected in a bare .onnx
 
     @property
     def pruned(self) -> dict[str, tuple[int, int]]:
+        """{weight: (numel, zeros)} of the pruned weights: those the metadata lists, else the zeros rule's."""
+        if self.pruned_names is not None:
+            return {k: v for k, v in self.weights.items() if k in self.pruned_names}
         return {k: v for k, v in self.weights.items() if v[1] >= PRUNED_MIN_ZEROS * v[0]}
 
     @property
@@ -72,6 +88,8 @@ class ModelInfo:
 
     @property
     def pattern(self) -> str:
+        if self.found_pattern is not None:
+            return self.found_pattern
         if self.manifest and isinstance(self.manifest.get("sparsity"), dict):
             return str(self.manifest["sparsity"].get("pattern", "?"))
         return "unstructured" if self.pruned else "dense"
@@ -89,22 +107,27 @@ def load_model_info(target: str | Path, label: str | None = None) -> ModelInfo:
         raise BenchError(f"{target}: no {MODEL_FILE} (expected an export folder from `sdsonnx export` or an .onnx file)")
     folder = path.parent
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    manifest = json.loads((folder / "sdsonnx.json").read_text()) if (folder / "sdsonnx.json").is_file() else None
+    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else None
     model = onnx.load(path, load_external_data=False)
     inputs = [InputSpec(i.name, tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
                                       for d in i.type.tensor_type.shape.dim), _dtype(i.type.tensor_type.elem_type))
               for i in model.graph.input]
+    meta = _metadata(model, path)
+    uses = consumers(model) if meta is None else {}
     init = {t.name: t for t in model.graph.initializer}
-    weights, vocab = {}, int(config.get("vocab_size") or 0)
+    weights, satisfied, vocab = {}, [], int(config.get("vocab_size") or 0)
     # a tied LM head is often Transpose(embedding) -> MatMul: count it as the embedding's weight
     via = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in init}
+    wanted = [via.get(name, name) for node in model.graph.node if node.op_type in ("MatMul", "Gemm")
+              for name in node.input[:2]] + sorted(meta.initializers if meta else [])
+    for name in wanted:
+        t = init.get(name)
+        if t is not None and len(t.dims) == 2 and t.data_type in _FLOAT and t.name not in weights:
+            arr = numpy_helper.to_array(t, base_dir=str(folder))
+            weights[t.name] = (int(arr.size), int(np.count_nonzero(arr == 0)))
+            if meta is None and weights[t.name][1] >= PRUNED_MIN_ZEROS * arr.size:
+                satisfied.append(_satisfied(arr, t.name, uses))
     for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm"):
-            for name in node.input[:2]:
-                t = init.get(via.get(name, name))
-                if t is not None and len(t.dims) == 2 and t.data_type in _FLOAT and t.name not in weights:
-                    arr = numpy_helper.to_array(t, base_dir=str(folder))
-                    weights[t.name] = (int(arr.size), int(np.count_nonzero(arr == 0)))
         if not vocab and node.op_type == "Gather" and node.input[1] == "input_ids" and node.input[0] in init:
             vocab = int(init[node.input[0]].dims[0])
     if not vocab:
@@ -114,8 +137,29 @@ def load_model_info(target: str | Path, label: str | None = None) -> ModelInfo:
     if odd or "input_ids" not in {i.name for i in inputs}:
         raise BenchError(f"{path}: unsupported inputs {odd or '(no input_ids)'}: expected a causal-LM export")
     with_past = any(i.name.startswith("past_key_values.") for i in inputs)
+    pruned = None if meta is None else frozenset(n for n, e in meta.initializers.items() if e.zeros)
     return ModelInfo(path, label or folder.name, inputs, [o.name for o in model.graph.output], config, with_past,
-                     vocab, weights, manifest)
+                     vocab, weights, manifest, pruned, global_pattern(satisfied) if meta is None else meta.pattern)
+
+
+def _metadata(model: onnx.ModelProto, path: Path) -> SparsityMetadata | None:
+    """The model's sdsonnx.* metadata; None for a bare .onnx without it (BenchError when present but unusable)."""
+    props = read_props(model)
+    if not props:
+        return None
+    meta, problems = parse_props(props)
+    if meta is None:
+        raise BenchError(f"{path}: unreadable sdsonnx metadata ({problems[0]}); run `sdsonnx validate` on it")
+    return meta
+
+
+def _satisfied(arr: np.ndarray, name: str, uses: dict) -> list[str]:
+    """Standard n:m patterns a weight of a bare .onnx satisfies along its consuming node's input axis."""
+    try:
+        axis, _ = input_axis(name, uses)
+    except WeightMappingError:
+        return []
+    return satisfied_patterns(arr, axis)
 
 
 def make_feeds(info: ModelInfo, case: Case, seed: int = 0) -> dict[str, np.ndarray]:

@@ -7,7 +7,9 @@ Checks (docs/ARTIFACTS.md):
   weights   every pruned torch weight found in the graph, equal to the checkpoint (with a checkpoint), or
             equal to the sha256 the metadata recorded (without one).
   sparsity  each initializer's zero count equals the checkpoint's, and every group of m inputs (axis taken from
-            the consuming MatMul/Gemm node, -0.0 counted as zero) keeps at most n nonzeros.
+            the consuming MatMul/Gemm node, -0.0 counted as zero) keeps at most n nonzeros, for the n:m
+            pattern the metadata (or the checkpoint weight) shows and for the one the recipe requested
+            (sdsonnx.json modules[...].recorded.pattern, and report.json's with a checkpoint).
   metadata  sdsonnx.* keys present, well-formed, consistent with the weights, the checkpoint and sdsonnx.json.
 """
 from __future__ import annotations
@@ -22,12 +24,11 @@ import numpy as np
 import onnx
 import torch
 
-from .export import (DATA_FILE, MANIFEST, MODEL_FILE, describe_initializer, global_pattern, load_checkpoint_model,
-                     pruned_weights, read_checkpoint_extras, weights_digest)
-from .masks import nm_violations
-from .onnx_meta import PREFIX, InitializerSparsity, parse_props, read_props
-from .onnx_weights import OnnxWeight, consumers, input_axis, load_initializers, map_weights
-from .onnx_weights import WeightMappingError
+from ..masks import first_group_violation, pattern_name, requested_nm
+from .checkpoint import CheckpointError, load_checkpoint_model, pruned_weights, read_checkpoint_extras, weights_digest
+from .files import DATA_FILE, MANIFEST, MODEL_FILE, VALIDATION_FILE
+from .initializers import OnnxWeight, WeightMappingError, consumers, input_axis, load_initializers, map_weights
+from .metadata import PREFIX, InitializerSparsity, describe_initializer, global_pattern, parse_props, read_props
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ SPARSITY_TOL = 1e-9  # metadata floats vs zeros / numel
 REPORT_TOL = 1e-4  # report.json's recorded per-module sparsity vs the checkpoint weights
 CASES = ((1, (7,)), (1, (24,)), (3, (16, 11, 3)))  # (batch, unpadded lengths per row)
 DECODE_STEPS = 3
-VALIDATION_FILE = "validation.json"
 
 
 @dataclass
@@ -57,6 +57,7 @@ class ValidationReport:
     numerics: list[dict] = field(default_factory=list)
     weights: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    patterns_checked: set[tuple[str, str]] = field(default_factory=set)  # (weight, n:m): each checked once
 
     @property
     def ok(self) -> bool:
@@ -73,31 +74,29 @@ class ValidationReport:
 
 # ---------------------------------------------------------------- sparsity and weights
 
-def first_group_violation(stored: np.ndarray, axis: int, n: int, m: int) -> tuple[int, str] | None:
-    """(number of groups with > n nonzeros of m along `axis`, description of the first) or None when all pass."""
-    if stored.shape[axis] % m:
-        return 1, f"input axis {axis} has length {stored.shape[axis]}, not a multiple of {m}"
-    t = torch.from_numpy(np.require(stored, requirements=["C", "W"]))
-    bad = nm_violations(t, n, m, axis=axis)
-    if len(bad) == 0:
-        return None
-    row, group = (int(v) for v in bad[0])
-    lo, hi = group * m, group * m + m
-    block = stored[row, lo:hi] if axis == 1 else stored[lo:hi, row]
-    where = f"[{row}, {lo}:{hi}]" if axis == 1 else f"[{lo}:{hi}, {row}]"
-    return len(bad), (f"stored elements {where} (output {row}, inputs {lo}..{hi - 1}) hold "
-                      f"{int(np.count_nonzero(block))} nonzeros > {n}")
-
-
 def _check_pattern(report: ValidationReport, name: str, label: str, stored: np.ndarray, axis: int,
-                   pattern: str) -> None:
-    if ":" not in pattern:
+                   pattern: object, source: str = "") -> None:
+    """Fail `name` when its groups of m along `axis` break an n:m `pattern` (other patterns pass); once per pair."""
+    if requested_nm(pattern) is None or (name, pattern) in report.patterns_checked:
         return
-    n, m = (int(x) for x in pattern.split(":"))
-    found = first_group_violation(stored, axis, n, m)
+    report.patterns_checked.add((name, pattern))
+    found = first_group_violation(stored, axis, *requested_nm(pattern))
     if found:
         count, first = found
-        report.fail("sparsity", name, f"{label}: {count} group(s) break {pattern}; first: {first}")
+        report.fail("sparsity", name, f"{label}: {count} group(s) break {pattern}{source}; first: {first}")
+
+
+def _input_axis(report: ValidationReport, check: str, subject: str, name: str, arrays: dict, uses: dict,
+                listed_by: str) -> int | None:
+    """Input axis of the initializer `name` that `listed_by` names; None (and a failure) when it has none."""
+    if name not in arrays:
+        report.fail(check, subject, f"{listed_by} lists {name!r}, which is not a 2-D initializer of {MODEL_FILE}")
+        return None
+    try:
+        return input_axis(name, uses)[0]
+    except WeightMappingError as exc:
+        report.fail(check, subject, str(exc))
+        return None
 
 
 def _first_difference(stored: np.ndarray, expected: np.ndarray) -> str:
@@ -109,9 +108,11 @@ def _first_difference(stored: np.ndarray, expected: np.ndarray) -> str:
 
 def check_against_checkpoint(report: ValidationReport, arrays: dict, uses: dict, weights: dict[str, np.ndarray],
                              ckpt_report: dict | None) -> dict[str, OnnxWeight]:
-    """Map each torch weight to its initializer; compare values, zero counts and the n:m pattern."""
-    from .export import pattern_name
+    """Map each torch weight to its initializer; compare values, zero counts and the n:m pattern.
 
+    The checkpoint weight is checked against the n:m pattern report.json records as requested, the stored
+    weight against the tightest pattern the checkpoint weight satisfies (the export must keep it).
+    """
     found, missing = map_weights(weights, arrays, uses)
     for module in missing:
         report.fail("mapping", module, f"no initializer of {MODEL_FILE} holds the weight of {module} "
@@ -130,9 +131,8 @@ def check_against_checkpoint(report: ValidationReport, arrays: dict, uses: dict,
                         f"checkpoint has {zeros_ckpt / w.size:.6f} ({zeros_ckpt} zeros)")
         want = pattern_name(w, 1)
         rec = recorded.get(module) or {}
-        if ":" in str(rec.get("pattern", "")) and want != "dense":
-            want = str(rec["pattern"])
-            _check_pattern(report, module, f"checkpoint weight {module}", w, 1, want)
+        _check_pattern(report, module, f"checkpoint weight {module}", w, 1, rec.get("pattern"),
+                       ", the pattern report.json records as requested")
         _check_pattern(report, name, label, stored, link.axis, want)
         if "sparsity" in rec and abs(float(rec["sparsity"]) - zeros_ckpt / w.size) > REPORT_TOL:
             report.fail("sparsity", module, f"report.json records sparsity {float(rec['sparsity']):.6f} for {module} "
@@ -173,13 +173,8 @@ def check_metadata(report: ValidationReport, proto: onnx.ModelProto, arrays: dic
     measured: dict[str, InitializerSparsity] = {}
     satisfied = []
     for name, entry in sorted(entries.items()):
-        if name not in arrays:
-            report.fail("metadata", name, f"{PREFIX}initializers lists {name}, which is not a 2-D initializer of the graph")
-            continue
-        try:
-            axis, _ = input_axis(name, uses)
-        except WeightMappingError as exc:
-            report.fail("metadata", name, str(exc))
+        axis = _input_axis(report, "metadata", name, name, arrays, uses, f"{PREFIX}initializers")
+        if axis is None:
             continue
         stored = arrays[name]
         actual, sat = describe_initializer(entry.module, stored, axis)
@@ -240,6 +235,30 @@ def check_manifest(report: ValidationReport, folder: Path, meta: dict | None, so
         report.fail("manifest", "source.weights_sha256", f"{MANIFEST} source.weights_sha256 does not match the "
                     "checkpoint's weights")
     return manifest
+
+
+def check_requests(report: ValidationReport, manifest: dict | None, arrays: dict, uses: dict) -> None:
+    """Every weight whose sdsonnx.json `modules[...].recorded.pattern` is n:m satisfies it along its input axis."""
+    modules = (manifest or {}).get("modules")
+    if not isinstance(modules, dict):
+        return
+    for module, entry in modules.items():
+        requested = ((entry or {}).get("recorded") or {}).get("pattern")
+        try:
+            if requested_nm(requested) is None:
+                continue
+        except ValueError as exc:
+            report.fail("manifest", module, f"{MANIFEST} modules[{module!r}].recorded.pattern={requested!r}: {exc}")
+            continue
+        name = entry.get("initializer")
+        axis = _input_axis(report, "manifest", module, name, arrays, uses, f"{MANIFEST} modules[{module!r}]")
+        if axis is None:
+            continue
+        if entry.get("axis") != axis:
+            report.fail("manifest", module, f"{MANIFEST} modules[{module!r}].axis={entry.get('axis')!r} but "
+                        f"{name} is consumed along axis {axis}")
+        _check_pattern(report, name, f"{name} ({module})", arrays[name], axis, requested,
+                       f", the pattern {MANIFEST} records as requested")
 
 
 # ---------------------------------------------------------------- numerics
@@ -358,12 +377,18 @@ def validate_artifact(folder: str | Path, checkpoint: str | Path | None = None, 
         checkpoint = Path(checkpoint)
         ckpt_report, _ = read_checkpoint_extras(checkpoint)
         model = load_checkpoint_model(checkpoint)
-        found = check_against_checkpoint(report, arrays, uses, pruned_weights(model, ckpt_report), ckpt_report)
+        try:
+            weights = pruned_weights(model, ckpt_report)
+        except CheckpointError as exc:
+            report.fail("mapping", "report.json", str(exc))
+            return _finish(report, folder, write)
+        found = check_against_checkpoint(report, arrays, uses, weights, ckpt_report)
         expected = {link.initializer: module for module, link in found.items()}
         recipe_hash = (ckpt_report or {}).get("recipe_hash") or ""
         source_hash = weights_digest(checkpoint)
     meta = check_metadata(report, proto, arrays, uses, expected, recipe_hash, source_hash)
-    check_manifest(report, folder, meta, source_hash)
+    manifest = check_manifest(report, folder, meta, source_hash)
+    check_requests(report, manifest, arrays, uses)
     if model is not None:
         pad = model.config.pad_token_id
         check_numerics(report, folder / MODEL_FILE, model, 0 if pad is None else int(pad))
@@ -380,7 +405,7 @@ def _finish(report: ValidationReport, folder: Path, write: bool) -> ValidationRe
 
 def format_report(report: ValidationReport) -> str:
     """Text tables: numerics per case, pruned weights summary, then every failure."""
-    from .summary import table
+    from ..summary import table
 
     parts = []
     if report.numerics:

@@ -102,11 +102,6 @@ def load_initializers(model: onnx.ModelProto, base_dir: Path) -> dict[str, np.nd
     return arrays
 
 
-def array_sha256(a: np.ndarray) -> str:
-    """sha256 of the array's C-order little-endian bytes (the stored layout, no shape)."""
-    return hashlib.sha256(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes()).hexdigest()
-
-
 def _key(a: np.ndarray) -> tuple:
     a = np.ascontiguousarray(a, dtype=np.float32)
     return a.shape, hashlib.blake2b(a.tobytes(), digest_size=16).digest()

@@ -11,15 +11,23 @@ Keys (docs/ARTIFACTS.md is the reference):
   sdsonnx.pattern          "dense" | "unstructured" | "n:m" (tightest standard n:m every listed weight satisfies)
   sdsonnx.initializers     JSON {initializer: {module, shape, axis, zeros, numel, sparsity, pattern, sha256}}
   sdsonnx.recipe_hash      sha256 of the resolved recipe, "" when the checkpoint had none
-  sdsonnx.source_sha256    hash of the source checkpoint's weights (see export.weights_digest)
+  sdsonnx.source_sha256    hash of the source checkpoint's weights (see checkpoint.weights_digest)
   sdsonnx.version          sdsonnx version that wrote the metadata
+
+`describe_initializer` measures one stored weight into its entry and `global_pattern` combines the entries'
+patterns: export writes what they measure and validate compares it with what was written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..masks import STANDARD_NM, satisfied_patterns, tightest
 
 PREFIX = "sdsonnx."
 FORMAT_VERSION = 1
@@ -52,6 +60,28 @@ class SparsityMetadata:
     recipe_hash: str
     source_sha256: str
     version: str
+
+
+def array_sha256(a: np.ndarray) -> str:
+    """sha256 of the array's C-order little-endian bytes (the stored layout, no shape)."""
+    return hashlib.sha256(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes()).hexdigest()
+
+
+def describe_initializer(module: str, stored: np.ndarray, axis: int) -> tuple[InitializerSparsity, list[str] | None]:
+    """Metadata entry of one stored weight and its satisfied patterns (None when it has no zero)."""
+    zeros = int(np.count_nonzero(stored == 0))
+    satisfied = satisfied_patterns(stored, axis) if zeros else None
+    entry = InitializerSparsity(module=module, shape=list(stored.shape), axis=axis, zeros=zeros, numel=int(stored.size),
+                                sparsity=zeros / stored.size if stored.size else 0.0, pattern=tightest(satisfied),
+                                sha256=array_sha256(stored))
+    return entry, satisfied
+
+
+def global_pattern(per_weight: list[list[str] | None]) -> str:
+    """Combine per-weight satisfied-pattern lists (None = dense): the tightest n:m all satisfy, else unstructured."""
+    if all(p is None for p in per_weight):
+        return tightest(None)
+    return tightest([f"{n}:{m}" for n, m in STANDARD_NM if all(p is not None and f"{n}:{m}" in p for p in per_weight)])
 
 
 def global_sparsity(entries: dict[str, InitializerSparsity]) -> float:
