@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from sdsonnx.artifact.checkpoint import weights_digest
-from sdsonnx.artifact.export import ExportError, export_checkpoint
+from sdsonnx.artifact.export import ExportError, check_requests, export_checkpoint
 from sdsonnx.artifact.metadata import global_pattern
 from sdsonnx.artifact.validate import validate_artifact
 from sdsonnx.cli import main
@@ -185,6 +185,18 @@ def test_checkpoint_that_missed_the_requested_pattern_does_not_export(tmp_path):
     assert not (tmp_path / "onnx" / "model.onnx").exists()
     result = CliRunner().invoke(main, ["export", str(ckpt), str(tmp_path / "onnx"), "--task", NO_PAST])
     assert result.exit_code == 2 and message in " ".join(result.output.split())
+
+
+def test_check_requests_holds_weights_to_n_m_requests_only():
+    w = np.array([[1, 2, 0, 0, 3, 0, 0, 4]], np.float32)  # 2:4 and 4:8 hold, 1:4 does not
+    check_requests({"a": w}, {"modules": {"a": {"pattern": "2:4"}}})
+    check_requests({"a": w}, {"modules": {"a": {"pattern": "0.9"}}})  # unstructured requests are not compared
+    check_requests({"a": w}, None)
+    with pytest.raises(ExportError, match=r"^a: report.json requests pattern 1:4 .*: 2 group\(s\) break 1:4; "
+                       r"first: stored elements \[0, 0:4\]"):
+        check_requests({"a": w}, {"modules": {"a": {"pattern": "1:4"}}})
+    with pytest.raises(ExportError, match="records the pattern '4:2'"):
+        check_requests({"a": w}, {"modules": {"a": {"pattern": "4:2"}}})
 
 
 def test_cli_export_then_validate(tmp_path):

@@ -42,7 +42,10 @@ def check_requests(weights: dict[str, np.ndarray], report: dict | None) -> None:
     """Raise ExportError naming the first weight W [out, in] that breaks the n:m pattern report.json requested."""
     for module, w in weights.items():
         requested = (recorded_request(report, module) or {}).get("pattern")
-        problem = request_violation(w, 1, requested)
+        try:
+            problem = request_violation(w, 1, requested)
+        except ValueError as exc:  # a malformed n:m such as "4:2"
+            raise ExportError(f"{module}: report.json records the pattern {requested!r}: {exc}") from None
         if problem:
             raise ExportError(f"{module}: report.json requests pattern {requested} but its checkpoint weight "
                               f"does not satisfy it: {problem}")
