@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .blocks import UnsupportedModelError, select_targets, target_linears, unmatched_patterns
 from .data import DataSourceError, classify_data_source
-from .models import ModelSourceError, classify_model_source, keep_first_blocks, model_config
+from .models import ModelSourceError, check_model_files, classify_model_source, keep_first_blocks, model_config
 from .recipe import Recipe, RecipeError
 
 
@@ -28,6 +28,7 @@ def check_recipe(recipe: Recipe, path: str = "<recipe>", output: Path | None = N
     problems = []
     try:
         classify_model_source(recipe.model)
+        check_model_files(recipe.model, recipe.allow_pickle, recipe.trust_remote_code)
     except ModelSourceError as exc:
         raise RecipeError(f"{path}: model: {exc}") from None
     for field in ("calibration", "evaluation"):
@@ -43,7 +44,7 @@ def check_recipe(recipe: Recipe, path: str = "<recipe>", output: Path | None = N
         problems.append(f"{path}: output: {output} is not writable")
 
     shapes: dict[int, dict[str, tuple[int, int]]] = {}
-    config = model_config(recipe.model)
+    config = model_config(recipe.model, recipe.trust_remote_code)
     if config is not None:  # hub ids without network: checked after loading instead
         try:
             targets = target_linears(meta_model(config, recipe.num_blocks), recipe.targets, recipe.ignore)

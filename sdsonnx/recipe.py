@@ -197,6 +197,12 @@ class Recipe(_Strict):
     weight_figure: str | None = Field(
         "auto", description="Target module whose weight distribution after each stage is drawn to weights.png "
                             "(paper Fig. 1); auto = the last target Linear of the last block, null = no figure.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model folder or hub repo (auto_map); off by default, "
+                           "recorded in report.json when on.")
+    allow_pickle: bool = Field(
+        False, description="Load pickle weights (*.bin, *.pt, *.pth without safetensors), which can run arbitrary "
+                           "code; off by default.")
 
     _re = field_validator("targets", "ignore")(lambda v: v if v is None else [_check_regex(x) for x in v])
 

@@ -120,12 +120,13 @@ class RunReport:
     modules: dict[str, ModuleRecord]
     weight_figure: FigureRecord | None = None
     export: ExportRecord | None = None
+    trust_remote_code: bool | None = None  # True when the recipe let the model's own code run; absent otherwise
     report_version: int = REPORT_VERSION
 
     def to_dict(self) -> dict:
         """The JSON object: report_version first, then the fields in declaration order."""
         body = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "report_version"}
-        for optional in ("weight_figure", "export"):
+        for optional in ("weight_figure", "export", "trust_remote_code"):
             if body[optional] is None:
                 del body[optional]
         return {"report_version": self.report_version, **body}
@@ -145,6 +146,7 @@ class RunReport:
             modules={name: ModuleRecord.from_dict(m) for name, m in data["modules"].items()},
             weight_figure=None if figure is None else FigureRecord(**figure),
             export=None if export is None else ExportRecord(**export),
+            trust_remote_code=data.get("trust_remote_code"),
             report_version=data.get("report_version", 0))
 
 

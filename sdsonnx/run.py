@@ -71,7 +71,8 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
     check_recipe(recipe, recipe_path, output)
     wall: dict[str, float] = {}
     with timed(wall, "load"):
-        model, tokenizer = load_model(recipe.model, DTYPES[recipe.dtype], recipe.num_blocks)
+        model, tokenizer = load_model(recipe.model, DTYPES[recipe.dtype], recipe.num_blocks,
+                                      trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle)
         cal = recipe.calibration
         calibration = calibration_segments(tokenizer, load_split_texts(cal.source, "calibration"),
                                            cal.segments * cal.parts, cal.length, cal.seed)
@@ -161,4 +162,4 @@ def build_report(recipe: Recipe, result: PipelineResult, ppl: dict[str, float], 
         wall_seconds={k: round(v, 3) for k, v in wall.items()}, peak_rss_bytes=peak_rss_bytes(),
         block_sparsity=result.block_sparsity,
         host=HostRecord(platform.python_version(), torch.__version__, torch.get_num_threads()),
-        modules=result.modules)
+        modules=result.modules, trust_remote_code=recipe.trust_remote_code or None)

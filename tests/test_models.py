@@ -1,12 +1,14 @@
 """Model sources: classification without loading, folder/GGUF loading, block truncation, the built-in SmolLM2."""
 import json
+import re
 
 import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config
 
-from sdsonnx.models import (BUILTIN_MODELS, ModelSourceError, builtin_gguf_path, classify_model_source,
-                            keep_first_blocks, load_model, model_config, resolve_model_dir)
+from sdsonnx.models import (BUILTIN_MODELS, ModelSourceError, builtin_gguf_path, causal_lm_problem, check_finite,
+                            check_model_files, check_safetensors, classify_model_source, keep_first_blocks, load_model,
+                            model_config, resolve_model_dir)
 from tiny_models import small_llama, word_tokenizer
 
 
@@ -36,8 +38,9 @@ def test_classify_each_kind(tmp_path, tiny_llama_dir):
     ("DIR", "no config.json"),
     ("FILE", "not a .gguf"),
     ("no such model", "not a model"),
-    ("a/b/c", "not a model"),
-    ("../x", "not a model"),
+    ("a/b/c", "no such file or folder"),
+    ("../x", "no such file or folder"),
+    ("/nowhere/model", "no such file or folder"),
     ("", "not a model"),
 ])
 def test_classify_rejects_with_a_reason(tmp_path, spec, message):
@@ -133,3 +136,77 @@ def test_builtin_dir_reuses_only_a_finished_conversion(tmp_path):
     assert not _is_current(unfinished)
     (unfinished / "sdsonnx-source.json").write_text(json.dumps({"format": _FORMAT - 1}))
     assert not _is_current(unfinished)
+
+
+def test_check_safetensors_reads_only_the_header(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(4, 4), "b": torch.ones(3)}, path)
+    check_safetensors(path)  # whole: passes
+    data = path.read_bytes()
+    path.write_bytes(data[:-1])
+    with pytest.raises(ModelSourceError, match=f"{len(data) - 1} bytes but its header needs {len(data)}: truncated"):
+        check_safetensors(path)
+    path.write_bytes(data[:5])
+    with pytest.raises(ModelSourceError, match="too short"):
+        check_safetensors(path)
+    path.write_bytes(data[:8] + b"[" + data[9:])
+    with pytest.raises(ModelSourceError, match="not JSON"):
+        check_safetensors(path)
+
+
+@pytest.mark.parametrize("config, problem", [
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, None),
+    ({"model_type": "opt"}, None),
+    ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "no \\*ForCausalLM architecture"),
+    ({"model_type": "t5"}, "not a causal language model transformers knows"),
+    ({"architectures": ["LlamaForCausalLM"]}, "model_type None"),
+    ({"model_type": "custom", "auto_map": {"AutoModelForCausalLM": "m.M"}}, "trust_remote_code: true"),
+])
+def test_causal_lm_problem(config, problem):
+    found = causal_lm_problem(config)
+    assert (found is None) if problem is None else re.search(problem, found), found
+    assert causal_lm_problem({"model_type": "custom", "auto_map": {"AutoModelForCausalLM": "m.M"}}, True) is None
+
+
+def test_pickle_weights_need_allow_pickle(tiny_llama_dir):
+    folder, _ = tiny_llama_dir
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(ModelSourceError, match="weights only as pickle \\(pytorch_model.bin\\)"):
+        check_model_files(str(folder))
+    check_model_files(str(folder), allow_pickle=True)
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(ModelSourceError, match="no weights"):
+        check_model_files(str(folder), allow_pickle=True)
+
+
+def test_check_finite_names_the_tensor():
+    model = small_llama(vocab_size=32, num_hidden_layers=2, max_position_embeddings=16)
+    check_finite(model, "m")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 1] = float("-inf")
+        model.model.layers[1].self_attn.o_proj.weight[1, 1] = float("nan")
+    with pytest.raises(ModelSourceError, match="m: tensor model.layers.1.self_attn.o_proj.weight has 2 NaN/Inf"):
+        check_finite(model, "m")
+
+
+def test_trust_remote_code_is_passed_and_off_by_default(tiny_llama_dir, monkeypatch):
+    import sdsonnx.models as models
+
+    folder, _ = tiny_llama_dir
+    seen = []
+    for cls in (models.AutoConfig, models.AutoModelForCausalLM, models.AutoTokenizer):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _original=original, **kwargs):
+            seen.append((klass.__name__, kwargs.get("trust_remote_code", "unset")))
+            return _original(klass, *args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    load_model(str(folder))
+    model_config(str(folder))
+    assert seen and all(flag is False for _, flag in seen), seen
+    seen.clear()
+    load_model(str(folder), trust_remote_code=True)
+    assert {name for name, _ in seen} == {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"}
+    assert all(flag is True for _, flag in seen), seen
