@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from .errors import InputError
 
 BLOCK_PATHS = (
     "model.layers",
@@ -24,7 +25,7 @@ BLOCK_PATHS = (
 _DROPPED_KWARGS = ("past_key_value", "past_key_values", "layer_past")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InputError, ValueError):
     """The model has no decoder blocks at any known path, or no Linear layers in them."""
 
 

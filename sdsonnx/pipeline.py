@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import BlockInputs, capture_block_inputs, find_blocks, run_block, target_linears
-from .recipe import PruneStage, Recipe
+from .recipe import PruneStage, Recipe, RecipeError
 from .report import ModuleRecord, StageRecord
 from .stages import STAGES, ModuleContext
 from .stats import LayerStats, output_error
@@ -63,7 +63,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but no CUDA device is available")
+        raise RecipeError("device: cuda was asked for but no CUDA device is available; use device: auto or cpu")
     return torch.device(name)
 
 

@@ -26,6 +26,8 @@ def check_recipe(recipe: Recipe, path: str = "<recipe>", output: Path | None = N
     Returns {block: {module name: (d_out, d_in)}} of the modules the recipe will prune.
     """
     problems = []
+    if recipe.device == "cuda" and not torch.cuda.is_available():
+        problems.append(f"{path}: device: cuda was asked for but no CUDA device is available; use device: auto or cpu")
     try:
         classify_model_source(recipe.model)
         check_model_files(recipe.model, recipe.allow_pickle, recipe.trust_remote_code)
@@ -73,11 +75,16 @@ def target_problems(recipe: Recipe, shapes: dict[int, dict[str, tuple[int, int]]
         for b in ov.blocks or []:
             if b not in shapes:
                 problems.append(f"{path}: stages.0.overrides.{i}.blocks: block {b} does not exist (model has {len(shapes)})")
+    indivisible: dict[str, list[str]] = {}  # pattern -> "name has d_in" of the modules it does not divide
     for block, mods in shapes.items():
         for name, (_, d_in) in mods.items():
             pattern = first.pattern_for(block, name)
             if pattern.is_nm and d_in % pattern.m:
-                problems.append(f"{path}: stages.0: pattern {pattern} needs in_features divisible by {pattern.m}; {name} has {d_in}")
+                indivisible.setdefault(str(pattern), []).append(f"{name} has {d_in}")
+    for pattern, culprits in indivisible.items():
+        more = f" (and {len(culprits) - 1} more)" if len(culprits) > 1 else ""
+        problems.append(f"{path}: stages.0: pattern {pattern} needs in_features divisible by {pattern.split(':')[1]}; "
+                        f"{culprits[0]}{more}")
     return problems
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
 
-class WeightMappingError(ValueError):
+class WeightMappingError(InputError, ValueError):
     """An initializer whose consuming nodes do not tell its input axis."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import onnx
 from onnx import helper, shape_inference
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ MAX_IR = 9  # DeepSparse 1.8.0 ships onnx 1.14.1
 MAX_OPSET = 19
 
 
-class DeepSparseCompatError(ValueError):
+class DeepSparseCompatError(InputError, ValueError):
     """A model DeepSparse 1.8.0 cannot load even after the rewrites (bad input for the DeepSparse engine)."""
 
 

@@ -20,12 +20,13 @@ from ..artifact.files import MANIFEST, MODEL_FILE
 from ..artifact.initializers import WeightMappingError, consumers, input_axis
 from ..artifact.metadata import SparsityMetadata, global_pattern, parse_props, read_props
 from ..masks import satisfied_patterns
+from ..errors import InputError
 
 PRUNED_MIN_ZEROS = 0.10  # bare .onnx only: a weight with at least this share of exact zeros counts as pruned
 _FLOAT = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
 
-class BenchError(ValueError):
+class BenchError(InputError, ValueError):
     """Bad benchmark input (missing model, mismatched exports, unsupported inputs): exit code 2."""
 
 
