@@ -42,12 +42,18 @@ class Calibration(_Strict):
     length: int = Field(2048, gt=1, description="Tokens per segment (paper: 2048).")
     seed: int = Field(0, description="Seed of the segment draw: same seed, same segments.")
     parts: int = Field(1, ge=1, le=8, description="Disjoint sample sets for stages (MSD ablation); segments each.")
+    split: Literal["all", "calibration", "evaluation"] | None = Field(
+        None, description="Part of a local file to read (None: all, or this section's part when calibration and "
+                          "evaluation name the same file; docs/RECIPES.md).")
 
 
 class Evaluation(_Strict):
     source: str = "wiki-extracts"
     window: int = Field(2048, gt=1, description="Tokens per non-overlapping perplexity window.")
     max_tokens: int | None = Field(None, gt=0, description="Cap on evaluation tokens (None: whole split).")
+    split: Literal["all", "calibration", "evaluation"] | None = Field(
+        None, description="Part of a local file to read (None: all, or this section's part when calibration and "
+                          "evaluation name the same file; docs/RECIPES.md).")
     each_step: bool = Field(True, description="Also evaluate the model after every intermediate stage.")
     dense: bool = Field(True, description="Also evaluate the unpruned model (benchmarks measure it once instead).")
 

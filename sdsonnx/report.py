@@ -74,6 +74,32 @@ class EvaluationRecord:
 
 
 @dataclass
+class DataUseRecord:
+    """What one section took from its source (sdsonnx.data.TextUse without the document hashes)."""
+
+    source: str
+    split: str  # part of the source read: all | calibration | evaluation
+    documents_available: int  # non-blank documents in that part
+    documents: int  # documents whose tokens were used (calibration: read to fill the segments)
+    tokens: int  # text tokens used (a BOS that evaluation windows add is not counted)
+
+
+@dataclass
+class DataRecord:
+    """The data a run used: per section, and how many documents both sections used (> 0 is also a warning)."""
+
+    calibration: DataUseRecord
+    evaluation: DataUseRecord | None
+    overlap_documents: int  # distinct documents (sha1 of their text) used by calibration and evaluation
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DataRecord":
+        evaluation = data.get("evaluation")
+        return cls(DataUseRecord(**data["calibration"]), None if evaluation is None else DataUseRecord(**evaluation),
+                   data["overlap_documents"])
+
+
+@dataclass
 class HostRecord:
     python: str
     torch: str
@@ -120,13 +146,14 @@ class RunReport:
     modules: dict[str, ModuleRecord]
     weight_figure: FigureRecord | None = None
     export: ExportRecord | None = None
+    data: DataRecord | None = None  # absent in reports written before issue 14
     trust_remote_code: bool | None = None  # True when the recipe let the model's own code run; absent otherwise
     report_version: int = REPORT_VERSION
 
     def to_dict(self) -> dict:
         """The JSON object: report_version first, then the fields in declaration order."""
         body = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "report_version"}
-        for optional in ("weight_figure", "export", "trust_remote_code"):
+        for optional in ("weight_figure", "export", "trust_remote_code", "data"):
             if body[optional] is None:
                 del body[optional]
         return {"report_version": self.report_version, **body}
@@ -146,6 +173,7 @@ class RunReport:
             modules={name: ModuleRecord.from_dict(m) for name, m in data["modules"].items()},
             weight_figure=None if figure is None else FigureRecord(**figure),
             export=None if export is None else ExportRecord(**export),
+            data=None if data.get("data") is None else DataRecord.from_dict(data["data"]),
             trust_remote_code=data.get("trust_remote_code"),
             report_version=data.get("report_version", 0))
 

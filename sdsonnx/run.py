@@ -11,14 +11,15 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .data import calibration_segments, evaluation_windows, load_split_texts
+from .data import (DataSourceError, Texts, TextUse, calibration_data, evaluation_data, load_texts, overlap_documents,
+                   section_part)
 from .evaluate import perplexity
 from .models import load_model
 from .pipeline import DTYPES, PipelineResult, prune_model
 from .preflight import check_recipe
 from .recipe import Recipe
-from .report import (CalibrationRecord, EvaluationRecord, ExportRecord, FigureRecord, HostRecord, RunReport,
-                     ValidationRecord, write_report)
+from .report import (CalibrationRecord, DataRecord, DataUseRecord, EvaluationRecord, ExportRecord, FigureRecord,
+                     HostRecord, RunReport, ValidationRecord, write_report)
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,53 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def evaluation_data(recipe: Recipe, tokenizer) -> torch.Tensor | None:
-    """Evaluation windows [k, window] or None when the recipe has no evaluation."""
-    if recipe.evaluation is None:
-        return None
-    texts = load_split_texts(recipe.evaluation.source, "evaluation")
-    return evaluation_windows(tokenizer, texts, recipe.evaluation.window, recipe.evaluation.max_tokens)
+@contextmanager
+def recipe_field(recipe_path: str, field: str):
+    """A DataSourceError inside the with-block names the recipe file and field it comes from."""
+    try:
+        yield
+    except DataSourceError as exc:
+        raise DataSourceError(f"{recipe_path}: {field}: {exc}") from None
+
+
+def recipe_texts(recipe: Recipe, recipe_path: str = "<recipe>") -> dict[str, Texts]:
+    """The documents each data section of the recipe reads ({"calibration": ..., "evaluation": ...} when it
+    evaluates), before any weight loads: empty, binary, non-UTF-8 or field-less files fail here."""
+    sections = {"calibration": recipe.calibration, "evaluation": recipe.evaluation}
+    texts = {}
+    for name, spec in sections.items():
+        if spec is None:
+            continue
+        other = sections["evaluation" if name == "calibration" else "calibration"]
+        with recipe_field(recipe_path, f"{name}.split"):
+            part = section_part(name, spec.source, spec.split, None if other is None else other.source)
+        with recipe_field(recipe_path, f"{name}.source"):
+            texts[name] = load_texts(spec.source, part)
+    return texts
+
+
+def recipe_tokens(recipe: Recipe, tokenizer, texts: dict[str, Texts], recipe_path: str = "<recipe>"
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, DataRecord]:
+    """(calibration segments [segments * parts, length], evaluation windows [k, window] or None, what they used);
+    documents used by both sections are a warning and the record's overlap_documents."""
+    cal, ev = recipe.calibration, recipe.evaluation
+    with recipe_field(recipe_path, "calibration"):
+        segments, cal_use = calibration_data(tokenizer, texts["calibration"], cal.segments * cal.parts, cal.length,
+                                             cal.seed)
+    windows, ev_use = None, None
+    if ev is not None:
+        with recipe_field(recipe_path, "evaluation"):
+            windows, ev_use = evaluation_data(tokenizer, texts["evaluation"], ev.window, ev.max_tokens)
+    overlap = 0 if ev_use is None else overlap_documents(cal_use, ev_use)
+    if overlap:
+        log.warning("%s: %d documents are used by both calibration (%s) and evaluation (%s): the perplexity is "
+                    "partly measured on calibration text", recipe_path, overlap, texts["calibration"].name,
+                    texts["evaluation"].name)
+    return segments, windows, DataRecord(_use_record(cal_use), None if ev_use is None else _use_record(ev_use), overlap)
+
+
+def _use_record(use: TextUse) -> DataUseRecord:
+    return DataUseRecord(use.source, use.part, use.available, use.documents, use.tokens)
 
 
 def _swap_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,14 +111,14 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
     """Run every stage of the recipe and write checkpoint, resolved recipe and report.json into `output`;
     returns report.json's object (RunReport.to_dict())."""
     check_recipe(recipe, recipe_path, output)
+    texts = recipe_texts(recipe, recipe_path)
+    tokenizer = local_tokenizer(recipe)
+    tokens = None if tokenizer is None else recipe_tokens(recipe, tokenizer, texts, recipe_path)
     wall: dict[str, float] = {}
     with timed(wall, "load"):
         model, tokenizer = load_model(recipe.model, DTYPES[recipe.dtype], recipe.num_blocks,
                                       trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle)
-        cal = recipe.calibration
-        calibration = calibration_segments(tokenizer, load_split_texts(cal.source, "calibration"),
-                                           cal.segments * cal.parts, cal.length, cal.seed)
-        windows = evaluation_data(recipe, tokenizer)
+        calibration, windows, data = tokens or recipe_tokens(recipe, tokenizer, texts, recipe_path)
 
     ppl: dict[str, float] = {}
     if windows is not None and recipe.evaluation.dense:
@@ -102,6 +144,7 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
     tokenizer.save_pretrained(output)
     (output / "recipe.resolved.yaml").write_text(recipe.to_yaml())
     report = build_report(recipe, result, ppl, wall, windows, calibration)
+    report.data = data
     if result.figure_versions:
         report.weight_figure = FigureRecord(result.figure_module, draw_weight_figure(recipe, result, ppl, output).name)
     write_report(report, output)
@@ -109,6 +152,20 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
         report.export = export_run(recipe, output, report.wall_seconds)
         write_report(report, output)
     return report.to_dict()
+
+
+def local_tokenizer(recipe: Recipe):
+    """The tokenizer of a built-in or folder model, read without its weights (load_model reads the same one), so
+    that the data is checked before the weights load; None for GGUF files and hub ids."""
+    from transformers import AutoTokenizer
+
+    from .models import classify_model_source, resolve_model_dir
+
+    kind = classify_model_source(recipe.model)
+    if kind not in ("builtin", "hf_dir"):
+        return None
+    return AutoTokenizer.from_pretrained(resolve_model_dir(recipe.model),
+                                         trust_remote_code=recipe.trust_remote_code and kind == "hf_dir")
 
 
 def export_run(recipe: Recipe, output: Path, wall: dict[str, float]) -> ExportRecord:
