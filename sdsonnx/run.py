@@ -111,10 +111,11 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
     """Run every stage of the recipe and write checkpoint, resolved recipe and report.json into `output`;
     returns report.json's object (RunReport.to_dict())."""
     check_recipe(recipe, recipe_path, output)
-    texts = recipe_texts(recipe, recipe_path)
-    tokenizer = local_tokenizer(recipe)
-    tokens = None if tokenizer is None else recipe_tokens(recipe, tokenizer, texts, recipe_path)
     wall: dict[str, float] = {}
+    with timed(wall, "load"):  # the data first: a text that cannot be used fails before the weights load
+        texts = recipe_texts(recipe, recipe_path)
+        tokenizer = local_tokenizer(recipe)
+        tokens = None if tokenizer is None else recipe_tokens(recipe, tokenizer, texts, recipe_path)
     with timed(wall, "load"):
         model, tokenizer = load_model(recipe.model, DTYPES[recipe.dtype], recipe.num_blocks,
                                       trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle)
