@@ -1,16 +1,22 @@
 """Command line: each command parses its arguments, calls one library function and prints.
 
-Exit codes (an interface for deployment pipelines): 0 success, 2 bad input or failed validation,
-1 internal error.
+Exit codes (an interface for deployment pipelines, sdsonnx/errors.py): 0 success, 2 bad input (any InputError:
+one line, no traceback) or failed validation, 1 internal error (anything else: the traceback and a request to
+report it). The group catches InputError once for every command; commands do not map errors themselves.
 """
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
+import traceback
 
 import click
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, InputError
+
+ISSUES_HINT = "This is a bug in sdsonnx, not in your input: please report it with the command, the version and " \
+              "the traceback above."
 
 
 class UserError(click.ClickException):
@@ -19,7 +25,31 @@ class UserError(click.ClickException):
     exit_code = EXIT_BAD_INPUT
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The `sdsonnx` group: InputError -> exit 2 with its message; any other exception -> exit 1 with the
+    traceback and a line asking to report it (click's own exceptions, exit and Ctrl-C pass through)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["sdsonnx.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except InputError as exc:
+            raise UserError(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception:
+            from . import __version__
+
+            traceback.print_exc()
+            command = shlex.join(["sdsonnx", *ctx.meta.get("sdsonnx.argv", [])])
+            click.echo(f"internal error in `{command}` (sdsonnx {__version__}). {ISSUES_HINT}", err=True)
+            sys.exit(EXIT_INTERNAL)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.version_option(package_name="sdsonnx")
 def main(verbose: bool) -> None:
@@ -32,31 +62,12 @@ def main(verbose: bool) -> None:
     )
 
 
-def _fail_cleanly(func):
-    """Map library errors to exit codes: bad input -> 2 with a message, anything else -> 1 with a traceback."""
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from .recipe import RecipeError
-        from .blocks import UnsupportedModelError
-        from .data import DataSourceError
-        from .models import ModelSourceError
-
-        try:
-            return func(*args, **kwargs)
-        except (RecipeError, UnsupportedModelError, DataSourceError, ModelSourceError, FileNotFoundError) as exc:
-            raise UserError(str(exc)) from None
-
-    return wrapper
-
-
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output directory (overrides the recipe's).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-@_fail_cleanly
-def run(recipe: str, output: str | None, no_progress: bool) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing output folder (atomically, when complete).")
+def run(recipe: str, output: str | None, no_progress: bool, force: bool) -> None:
     """Prune the model of RECIPE (a YAML file) stage by stage; write checkpoint, recipe and report.json."""
     from pathlib import Path
 
@@ -66,7 +77,7 @@ def run(recipe: str, output: str | None, no_progress: bool) -> None:
 
     parsed = load_recipe(recipe, {"output": output})
     out = Path(parsed.output or Path("runs") / Path(recipe).stem)
-    report = run_recipe(parsed, out, recipe, progress=not no_progress)
+    report = run_recipe(parsed, out, recipe, progress=not no_progress, force=force)
     click.echo(run_summary(report))
     written = ["model.safetensors", "recipe.resolved.yaml", "report.json"]
     written += [report["weight_figure"]["file"]] if "weight_figure" in report else []
@@ -86,9 +97,8 @@ def run(recipe: str, output: str | None, no_progress: bool) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (perplexity, tokens, windows, window, seconds, load_seconds, "
                    "peak_rss_bytes, model, data, max_tokens) and no progress bar.")
-@_fail_cleanly
 def eval_(model: str, data: str, window: int, max_tokens: int | None, as_json: bool) -> None:
-    """Print the perplexity of MODEL (checkpoint dir, smollm2-135m, GGUF or hub id) on evaluation text."""
+    """Print the perplexity of MODEL (checkpoint dir, export folder with model.onnx, smollm2-135m, GGUF or hub id)."""
     import json
     import resource
     import time
@@ -97,11 +107,13 @@ def eval_(model: str, data: str, window: int, max_tokens: int | None, as_json: b
     from .evaluate import perplexity
     from .models import load_model
 
+    from .artifact.onnx_eval import is_onnx_folder, load_onnx, onnx_perplexity
+
     start = time.perf_counter()
-    net, tokenizer = load_model(model)
+    net, tokenizer = load_onnx(model) if is_onnx_folder(model) else load_model(model)  # ONNX Runtime, no KV cache
     windows = evaluation_windows(tokenizer, load_split_texts(data, "evaluation"), window, max_tokens)
     loaded = time.perf_counter()
-    ppl = perplexity(net, windows, progress=not as_json)
+    ppl = (onnx_perplexity if is_onnx_folder(model) else perplexity)(net, windows, progress=not as_json)
     if not as_json:
         click.echo(f"perplexity {ppl:.4f} ({windows.numel()} tokens, {windows.shape[0]} windows of {window})")
         return
@@ -115,7 +127,6 @@ def eval_(model: str, data: str, window: int, max_tokens: int | None, as_json: b
 
 @main.command()
 @click.argument("model")
-@_fail_cleanly
 def inspect(model: str) -> None:
     """Print a per-module sparsity and N:M pattern table of MODEL's decoder Linears."""
     from .models import load_model
@@ -133,15 +144,25 @@ def inspect(model: str) -> None:
               default="text-generation-with-past", show_default=True, help="optimum export task.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--external-data", is_flag=True, help="Always write weights to model.onnx_data (automatic above 2 GB).")
-@_fail_cleanly
-def export_(checkpoint: str, out: str, task: str, opset: int | None, external_data: bool) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing output folder (atomically, when complete).")
+@click.option("--quantize", type=click.Choice(["int8", "int8-nbits", "int8-dynamic", "int8-static", "int4-nbits"]),
+              default=None, help="Quantize the weights keeping every pruned zero (int8 = int8-nbits; docs/ARTIFACTS.md).")
+@click.option("--data", default=None, help="int8-static calibration text (default: report.json's, else wiki-extracts).")
+@click.option("--calibration-segments", default=16, show_default=True, help="int8-static: segments of --data.")
+@click.option("--calibration-length", default=128, show_default=True, help="int8-static: tokens per segment.")
+def export_(checkpoint: str, out: str, task: str, opset: int | None, external_data: bool, force: bool,
+            quantize: str | None, data: str | None, calibration_segments: int, calibration_length: int) -> None:
     """Export CHECKPOINT (HF folder) to OUT: model.onnx with sdsonnx.* sparsity metadata, tokenizer, sdsonnx.json."""
-    from .artifact.export import ExportError, export_checkpoint
+    from .artifact.export import export_checkpoint
+    from .artifact.quantize import calibration_ids, resolve_scheme
 
-    try:
-        manifest = export_checkpoint(checkpoint, out, task=task, opset=opset, external_data=external_data or None)
-    except ExportError as exc:
-        raise UserError(str(exc)) from None
+    calibration = None
+    if quantize is not None and resolve_scheme(quantize) == "int8-static":
+        calibration = calibration_ids(checkpoint, data, calibration_segments, calibration_length)
+    manifest = export_checkpoint(checkpoint, out, task=task, opset=opset, external_data=external_data or None,
+                                 force=force, quantize=quantize, calibration=calibration)
+    if quantize is not None:
+        click.echo(f"quantized {manifest['quantization']['scheme']}: every pruned weight at its zero point")
     s = manifest["sparsity"]
     click.echo(f"wrote {out}/ ({manifest['model_file']}{''.join(' + ' + f for f in manifest['external_data'])}, "
                f"opset {manifest['opset']}): {len(manifest['modules'])} pruned weights, "
@@ -154,7 +175,6 @@ def export_(checkpoint: str, out: str, task: str, opset: int | None, external_da
               help="Checkpoint the export came from: enables numerics and exact weight checks.")
 @click.option("--atol", type=float, default=None, help="Absolute logit tolerance ORT vs PyTorch (default 1e-3).")
 @click.option("--rtol", type=float, default=None, help="Added tolerance per unit of max |logit| (default 1e-3).")
-@_fail_cleanly
 def validate(out: str, checkpoint: str | None, atol: float | None, rtol: float | None) -> None:
     """Check the export in OUT (numerics, N:M sparsity, metadata); write OUT/validation.json; exit 2 on failure."""
     from .artifact.validate import DEFAULT_ATOL, DEFAULT_RTOL, format_report, validate_artifact
@@ -181,29 +201,37 @@ def validate(out: str, checkpoint: str | None, atol: float | None, rtol: float |
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Where bench.json and bench.png go (default SPARSE_OUT/bench).")
 @click.option("--setup-deepsparse", is_flag=True, help="Create .venv-deepsparse (deepsparse 1.8.0) and exit if no SPARSE_OUT.")
-@_fail_cleanly
-def bench(sparse_out, dense_out, engines, batch, seqs, decode, threads, warmup, reps, output, setup_deepsparse) -> None:
+@click.option("--deepsparse-python", type=click.Path(dir_okay=False), default=None,
+              help="Python of the DeepSparse venv (default $SDSONNX_DEEPSPARSE_PYTHON or .venv-deepsparse).")
+@click.option("--deepsparse-timeout", type=click.FloatRange(min=1), default=3600.0, show_default=True,
+              help="Seconds one DeepSparse worker may run before it is killed and the bench fails (exit 2).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (atomically, when complete).")
+def bench(sparse_out, dense_out, engines, batch, seqs, decode, threads, warmup, reps, output, setup_deepsparse,
+          force, deepsparse_python, deepsparse_timeout) -> None:
     """Prefill latency/throughput and decode tokens/s of SPARSE_OUT (vs --dense) in DeepSparse and ONNX Runtime."""
     from pathlib import Path
 
-    from .bench import (BenchError, DeepSparseCompatError, DeepSparseUnavailable, bench_table, run_bench,
-                        setup_deepsparse as make_venv, write_outputs)
+    from .bench import BenchError, bench_table, run_bench, setup_deepsparse as make_venv, write_outputs
 
-    try:
-        if setup_deepsparse:
-            click.echo(f"DeepSparse ready: {make_venv()}")
-            if sparse_out is None:
-                return
+    if setup_deepsparse:
+        click.echo(f"DeepSparse ready: {make_venv()}")
         if sparse_out is None:
-            raise BenchError("give SPARSE_OUT (an export folder), or --setup-deepsparse")
-        try:
-            seq_list = tuple(int(s) for s in seqs.split(",") if s.strip())
-        except ValueError:
-            raise BenchError(f"--seq must be comma-separated integers, got {seqs!r}") from None
+            return
+    if sparse_out is None:
+        raise BenchError("give SPARSE_OUT (an export folder), or --setup-deepsparse")
+    try:
+        seq_list = tuple(int(s) for s in seqs.split(",") if s.strip())
+    except ValueError:
+        raise BenchError(f"--seq must be comma-separated integers, got {seqs!r}") from None
+    from .outputs import atomic_output
+
+    out_dir = Path(output or Path(sparse_out) / "bench")
+    with atomic_output(out_dir, force) as work:
         doc = run_bench(sparse_out, dense_out, tuple(e.strip() for e in engines.split(",") if e.strip()), batch,
-                        seq_list, decode, threads, warmup, reps)
-    except (BenchError, DeepSparseUnavailable, DeepSparseCompatError) as exc:
-        raise UserError(str(exc)) from None
-    json_path, png_path = write_outputs(doc, output or Path(sparse_out) / "bench")
+                        seq_list, decode, threads, warmup, reps,
+                        deepsparse_python=Path(deepsparse_python) if deepsparse_python else None,
+                        worker_timeout=deepsparse_timeout)
+        written = write_outputs(doc, work)
+    json_path, png_path = (out_dir / p.name for p in written)
     click.echo(bench_table(doc))
     click.echo(f"\nwrote {json_path} and {png_path}")

@@ -15,6 +15,7 @@ from .data import (DataSourceError, Texts, TextUse, calibration_data, evaluation
                    section_part)
 from .evaluate import perplexity
 from .models import load_model
+from .outputs import atomic_output
 from .pipeline import DTYPES, PipelineResult, prune_model
 from .preflight import check_recipe
 from .recipe import Recipe
@@ -107,15 +108,38 @@ def timed(wall: dict[str, float], key: str):
     wall[key] = wall.get(key, 0.0) + time.perf_counter() - start
 
 
-def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", progress: bool = True) -> dict:
+def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", progress: bool = True,
+               force: bool = False) -> dict:
     """Run every stage of the recipe and write checkpoint, resolved recipe and report.json into `output`;
-    returns report.json's object (RunReport.to_dict())."""
+    returns report.json's object (RunReport.to_dict()). `output` is built in a hidden work area and renamed into
+    place when complete (sdsonnx/outputs.py): an existing `output` is an OutputExistsError unless `force`."""
     check_recipe(recipe, recipe_path, output)
     wall: dict[str, float] = {}
     with timed(wall, "load"):  # the data first: a text that cannot be used fails before the weights load
         texts = recipe_texts(recipe, recipe_path)
         tokenizer = local_tokenizer(recipe)
         tokens = None if tokenizer is None else recipe_tokens(recipe, tokenizer, texts, recipe_path)
+    with atomic_output(output, force) as work:
+        return _run_into(recipe, work, Path(output).resolve(), progress, texts, recipe_path, tokens, wall)
+
+
+def local_tokenizer(recipe: Recipe):
+    """The tokenizer of a built-in or folder model, read without its weights (load_model reads the same one), so
+    that the data is checked before the weights load; None for GGUF files and hub ids."""
+    from transformers import AutoTokenizer
+
+    from .models import classify_model_source, resolve_model_dir
+
+    kind = classify_model_source(recipe.model)
+    if kind not in ("builtin", "hf_dir"):
+        return None
+    return AutoTokenizer.from_pretrained(resolve_model_dir(recipe.model),
+                                         trust_remote_code=recipe.trust_remote_code and kind == "hf_dir")
+
+
+def _run_into(recipe: Recipe, work: Path, output: Path, progress: bool, texts: dict[str, Texts],
+              recipe_path: str, tokens: tuple | None, wall: dict[str, float]) -> dict:
+    """run_recipe's body: load, prune, evaluate and write everything into `work` (to become `output`)."""
     with timed(wall, "load"):
         model, tokenizer = load_model(recipe.model, DTYPES[recipe.dtype], recipe.num_blocks,
                                       trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle)
@@ -140,43 +164,30 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
             ppl["pruned"] = perplexity(model, windows, progress=progress)
         log.info("pruned perplexity %.3f", ppl["pruned"])
 
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output, safe_serialization=True)
-    tokenizer.save_pretrained(output)
-    (output / "recipe.resolved.yaml").write_text(recipe.to_yaml())
+    model.save_pretrained(work, safe_serialization=True)
+    tokenizer.save_pretrained(work)
+    (work / "recipe.resolved.yaml").write_text(recipe.to_yaml())
     report = build_report(recipe, result, ppl, wall, windows, calibration)
     report.data = data
     if result.figure_versions:
-        report.weight_figure = FigureRecord(result.figure_module, draw_weight_figure(recipe, result, ppl, output).name)
-    write_report(report, output)
+        report.weight_figure = FigureRecord(result.figure_module, draw_weight_figure(recipe, result, ppl, work).name)
+    write_report(report, work)
     if recipe.export is not None:
-        report.export = export_run(recipe, output, report.wall_seconds)
-        write_report(report, output)
+        report.export = export_run(recipe, work, report.wall_seconds, output)
+        write_report(report, work)
     return report.to_dict()
 
 
-def local_tokenizer(recipe: Recipe):
-    """The tokenizer of a built-in or folder model, read without its weights (load_model reads the same one), so
-    that the data is checked before the weights load; None for GGUF files and hub ids."""
-    from transformers import AutoTokenizer
-
-    from .models import classify_model_source, resolve_model_dir
-
-    kind = classify_model_source(recipe.model)
-    if kind not in ("builtin", "hf_dir"):
-        return None
-    return AutoTokenizer.from_pretrained(resolve_model_dir(recipe.model),
-                                         trust_remote_code=recipe.trust_remote_code and kind == "hf_dir")
-
-
-def export_run(recipe: Recipe, output: Path, wall: dict[str, float]) -> ExportRecord:
-    """Export the run's checkpoint to output/onnx and validate it when the recipe asks; adds the times to `wall`."""
-    from .artifact.export import export_checkpoint
+def export_run(recipe: Recipe, output: Path, wall: dict[str, float], final: Path | None = None) -> ExportRecord:
+    """Export the run's checkpoint to output/onnx and validate it when the recipe asks; adds the times to `wall`.
+    `output` is the run's work area, `final` the output folder it becomes (recorded in sdsonnx.json)."""
+    from .artifact.export import write_export
     from .artifact.validate import validate_artifact
 
     seconds: dict[str, float] = {}
     with timed(seconds, "export"):
-        export_checkpoint(output, output / "onnx", task=recipe.export.task, opset=recipe.export.opset)
+        write_export(output.resolve(), output / "onnx", task=recipe.export.task, opset=recipe.export.opset,
+                     recorded_checkpoint=final)
     wall["export"] = round(seconds["export"], 3)
     if not recipe.export.validate_artifact:
         return ExportRecord("onnx", None)

@@ -22,10 +22,11 @@ from .. import __version__
 from ..masks import request_violation
 from .checkpoint import (WEIGHTS_HASH_SCHEME, CheckpointError, load_checkpoint_model, pruned_weights,
                          read_checkpoint_extras, recorded_request, weights_digest)
-from .files import DATA_FILE, MANIFEST, MODEL_FILE, VALIDATION_FILE
+from .files import DATA_FILE, MANIFEST, MODEL_FILE
 from .initializers import consumers, load_initializers, map_weights
 from .metadata import (FORMAT_VERSION, SparsityMetadata, describe_initializer, global_pattern, global_sparsity,
                        to_props, write_metadata)
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxrun
 TWO_GB = 2**31
 
 
-class ExportError(ValueError):
+class ExportError(InputError, ValueError):
     """A checkpoint that cannot be exported (bad input): exit code 2."""
 
 
@@ -85,20 +86,52 @@ def _save(model: onnx.ModelProto, out: Path, external_data: bool | None) -> list
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, task: str = "text-generation-with-past",
-                      opset: int | None = None, external_data: bool | None = None) -> dict:
+                      opset: int | None = None, external_data: bool | None = None, force: bool = False,
+                      quantize: str | None = None, calibration=None) -> dict:
     """Export `checkpoint` (HF folder) into `out`: model.onnx with sdsonnx.* metadata, tokenizer, sdsonnx.json.
 
+    quantize: a scheme of artifact/quantize.py (int8-nbits, alias int8; int8-dynamic; int8-static, which needs
+    `calibration` token ids [n, L]; int4-nbits): the fp32 export goes to a temporary folder and is quantized into
+    `out` (ExportError when a pruned zero or an n:m group does not survive).
+
     external_data: None lets the exporter decide (external above 2 GB), True forces model.onnx_data.
-    Returns the manifest written to out/sdsonnx.json.
+    `out` is built in a hidden work area and renamed into place when complete (sdsonnx/outputs.py); an existing
+    `out` is an OutputExistsError unless `force`. Returns the manifest written to out/sdsonnx.json.
     """
-    checkpoint, out = Path(checkpoint).resolve(), Path(out)
+    from ..outputs import atomic_output
+
+    checkpoint = Path(checkpoint).resolve()
+    check_export_request(checkpoint, task)
+    if quantize is not None:
+        from .quantize import resolve_scheme
+
+        resolve_scheme(quantize)  # an unknown scheme fails before anything is exported
+    with atomic_output(out, force) as work:
+        if quantize is None:
+            return write_export(checkpoint, work, task, opset, external_data)
+        import tempfile
+
+        from .quantize import quantize_artifact
+
+        with tempfile.TemporaryDirectory(prefix="sdsonnx-fp32-") as tmp:
+            write_export(checkpoint, Path(tmp), task, opset, external_data)
+            return quantize_artifact(tmp, work, quantize, calibration)
+
+
+def check_export_request(checkpoint: Path, task: str) -> None:
+    """ExportError for an unknown task or a folder that is not a Hugging Face checkpoint."""
     if task not in TASKS:
         raise ExportError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if not (checkpoint / "config.json").is_file():
         raise ExportError(f"{checkpoint} has no config.json: not a Hugging Face checkpoint folder")
+
+
+def write_export(checkpoint: Path, out: Path, task: str = "text-generation-with-past", opset: int | None = None,
+                 external_data: bool | None = None, recorded_checkpoint: Path | None = None) -> dict:
+    """Export into the empty (work) folder `out`, in place; `recorded_checkpoint` is the checkpoint path the
+    manifest records (default `checkpoint`; a run exporting from its own work area records its final output)."""
+    check_export_request(checkpoint, task)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (MODEL_FILE, DATA_FILE, MANIFEST, VALIDATION_FILE):
-        (out / stale).unlink(missing_ok=True)
     report, recipe = read_checkpoint_extras(checkpoint)
     t0 = time.perf_counter()
     model = load_checkpoint_model(checkpoint)
@@ -143,7 +176,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, task: str = "text
         "ir_version": proto.ir_version,
         "inputs": [i.name for i in proto.graph.input],
         "outputs": [o.name for o in proto.graph.output],
-        "source": {"checkpoint": str(checkpoint), "model": (report or {}).get("model") or str(checkpoint),
+        "source": {"checkpoint": str(recorded_checkpoint or checkpoint),
+                   "model": (report or {}).get("model") or str(recorded_checkpoint or checkpoint),
                    "architecture": architecture, "model_type": model_type,
                    "weights_sha256": source_hash, "weights_hash_scheme": WEIGHTS_HASH_SCHEME},
         "recipe": recipe,
