@@ -210,3 +210,16 @@ def test_trust_remote_code_is_passed_and_off_by_default(tiny_llama_dir, monkeypa
     load_model(str(folder), trust_remote_code=True)
     assert {name for name, _ in seen} == {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"}
     assert all(flag is True for _, flag in seen), seen
+
+
+def test_no_shell_is_ever_invoked():
+    """Safety (docs/RELIABILITY.md): sdsonnx starts processes only with argument lists, never through a shell."""
+    from pathlib import Path
+
+    import sdsonnx
+
+    root = Path(sdsonnx.__file__).parent
+    shell = re.compile(r"shell\s*=\s*True|os\.system\(|os\.popen\(|os\.exec\w*\(|pty\.spawn\(")
+    found = [f"{p.relative_to(root)}:{i}" for p in sorted(root.rglob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if shell.search(line)]
+    assert found == []

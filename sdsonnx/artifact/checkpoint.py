@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ..errors import InputError
 
 REPORT_FILE = "report.json"
 RECIPE_FILE = "recipe.resolved.yaml"
 WEIGHTS_HASH_SCHEME = "sha256 over sorted safetensors tensors: name, dtype, shape, raw bytes"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint folder whose report.json does not fit its weights (bad input: exit code 2)."""
 
 
@@ -62,11 +63,41 @@ def recorded_request(report: dict | None, module: str) -> dict | None:
     return {k: record[k] for k in ("sparsity", "pattern") if k in record}
 
 
+ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "ffn_dim",
+             "num_attention_heads", "num_key_value_heads")
+
+
+def read_config(folder: Path) -> dict | None:
+    """folder/config.json as a dict; None when absent; CheckpointError naming the file when unreadable."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not valid JSON; re-save the folder") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object; re-save the folder")
+    return config
+
+
+def config_differences(a: dict, b: dict) -> list[str]:
+    """'key a vs b' for every architecture key (ARCH_KEYS) both configs set to different values."""
+    return [f"{k} {a[k]!r} vs {b[k]!r}" for k in ARCH_KEYS if k in a and k in b and a[k] != b[k]]
+
+
 def load_checkpoint_model(folder: Path):
-    """The checkpoint as an fp32 torch model in eval mode."""
+    """The checkpoint as an fp32 torch model in eval mode; its files checked first, its tensors after (finite).
+
+    Only safetensors weights load and no code from the folder runs (models.check_hf_folder's rules)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    from ..models import check_finite, check_hf_folder
+
+    check_hf_folder(Path(folder))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False,
+                                                 use_safetensors=True)
+    check_finite(model, str(folder))
     return model.eval()
 
 

@@ -135,7 +135,7 @@ def parse_props(props: dict[str, str]) -> tuple[SparsityMetadata | None, list[st
     if not _PATTERN.match(get("pattern")):
         problems.append(f"metadata {PREFIX}pattern={get('pattern')!r} is not dense, unstructured or n:m")
     for key in ("recipe_hash", "source_sha256"):
-        if not _HEX.match(get(key)):
+        if not _HEX.match(get(key)) or (key == "source_sha256" and not get(key)):
             problems.append(f"metadata {PREFIX}{key}={get(key)!r} is not a lowercase hex digest")
     entries, entry_problems = _parse_entries(get("initializers"))
     problems += entry_problems
@@ -167,7 +167,12 @@ def _parse_entries(text: str) -> tuple[dict[str, InitializerSparsity] | None, li
         if not _PATTERN.match(str(entry.pattern)) or not isinstance(entry.sparsity, (int, float)):
             problems.append(f"metadata {key}[{name!r}]: malformed pattern or sparsity")
             continue
-        if entry.numel and abs(entry.sparsity - entry.zeros / entry.numel) > 1e-9:
+        if not (isinstance(entry.module, str) and entry.module and isinstance(entry.sha256, str)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry.shape)):
+            problems.append(f"metadata {key}[{name!r}]: module, shape or sha256 is not a name, a list of sizes or a hex "
+                            "string")
+            continue
+        if entry.numel and not abs(entry.sparsity - entry.zeros / entry.numel) <= 1e-9:  # NaN fails too
             problems.append(f"metadata {key}[{name!r}]: sparsity {entry.sparsity} != zeros/numel "
                             f"{entry.zeros}/{entry.numel}")
         entries[name] = entry

@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 
 from .deepsparse_compat import save_model, write_deepsparse_copy
-from .deepsparse_env import DeepSparseUnavailable, crash_summary, find_deepsparse_python, run_worker
+from ..artifact.checkpoint import config_differences
+from .deepsparse_env import WORKER_TIMEOUT_S, DeepSparseUnavailable, crash_summary, find_deepsparse_python, run_worker
 from .graphs import strip_past
 from .timing import interleaved_times, paired_speedup, summarize
 from .workload import BenchError, Case, ModelInfo, load_model_info, make_feeds, work_share
@@ -91,8 +92,13 @@ def _run_onnxruntime(models: dict[str, ModelInfo], graphs: dict, cases: list[Cas
 
 
 def _run_deepsparse(python: Path, models: dict[str, ModelInfo], graphs: dict, cases: list[Case], refs: dict,
-                    threads: int, warmup: int, reps: int, workdir: Path, seed: int) -> tuple[list[dict], list[dict], dict]:
-    """Time every case in the DeepSparse worker; returns (timings, errors, rewrites applied per model)."""
+                    threads: int, warmup: int, reps: int, workdir: Path, seed: int,
+                    worker_timeout: float = WORKER_TIMEOUT_S, only_engine: bool = False,
+                    ) -> tuple[list[dict], list[dict], dict]:
+    """Time every case in the DeepSparse worker; returns (timings, errors, rewrites applied per model).
+
+    A worker that hangs past worker_timeout is killed and is a BenchError; one that crashes is recorded in the
+    errors (ONNX Runtime's timings stay useful), or a BenchError when DeepSparse is the only engine asked for."""
     compat, rewrites = {}, {}
     for (label, phase), path in graphs.items():
         if phase in {c.phase for c in cases}:
@@ -113,9 +119,14 @@ def _run_deepsparse(python: Path, models: dict[str, ModelInfo], graphs: dict, ca
         job_path, result_path = workdir / f"job-{case.key}.json", workdir / f"result-{case.key}.json"
         job_path.write_text(json.dumps(job))
         log.info("deepsparse %s: compiling and timing %s", case.key, ", ".join(models))
-        run = run_worker(python, job_path, result_path)
+        run = run_worker(python, job_path, result_path, worker_timeout)
         for spec in specs:
             Path(spec["path"]).unlink(missing_ok=True)
+        if run.timed_out:
+            raise BenchError(f"DeepSparse worker ({python}) on case {case.key} did not finish within {worker_timeout:g} s "
+                             "and was killed; raise --deepsparse-timeout or bench with --engine onnxruntime")
+        if only_engine and (run.crashed or not result_path.is_file()):
+            raise BenchError(f"{crash_summary(run)} on case {case.key} ({python}); bench with --engine onnxruntime")
         if run.crashed or not result_path.is_file():
             errors.append({"engine": "deepsparse", "case": case.key, "error": crash_summary(run)})
             continue
@@ -166,19 +177,22 @@ def _records(engine: str, models: dict[str, ModelInfo], timings: list[dict]) -> 
 
 def run_bench(sparse: str | Path, dense: str | Path | None = None, engines: tuple[str, ...] = ENGINES,
               batch: int = 1, seqs: tuple[int, ...] = (128, 512), decode: int = 32, threads: int | None = None,
-              warmup: int = 2, reps: int = 10, seed: int = 0, deepsparse_python: Path | None = None) -> dict:
+              warmup: int = 2, reps: int = 10, seed: int = 0, deepsparse_python: Path | None = None,
+              worker_timeout: float = WORKER_TIMEOUT_S) -> dict:
     """Benchmark `sparse` (and `dense`, its dense twin) in each engine; returns the bench.json document.
 
     A missing DeepSparse venv is logged and recorded under "skipped" (ONNX Runtime still runs) unless it is the
     only engine asked for, which raises DeepSparseUnavailable.
     """
     paths = {"sparse": sparse} if dense is None else {"dense": dense, "sparse": sparse}
-    return bench_models(paths, engines, batch, seqs, decode, threads, warmup, reps, seed, deepsparse_python)
+    return bench_models(paths, engines, batch, seqs, decode, threads, warmup, reps, seed, deepsparse_python,
+                        worker_timeout)
 
 
 def bench_models(paths: dict[str, str | Path], engines: tuple[str, ...] = ENGINES, batch: int = 1,
                  seqs: tuple[int, ...] = (128, 512), decode: int = 32, threads: int | None = None, warmup: int = 2,
-                 reps: int = 10, seed: int = 0, deepsparse_python: Path | None = None) -> dict:
+                 reps: int = 10, seed: int = 0, deepsparse_python: Path | None = None,
+                 worker_timeout: float = WORKER_TIMEOUT_S) -> dict:
     """Benchmark several exports of one model (label -> export), all interleaved; "dense" is the speed-up base."""
     unknown = [e for e in engines if e not in ENGINES]
     if unknown or not engines:
@@ -195,6 +209,12 @@ def bench_models(paths: dict[str, str | Path], engines: tuple[str, ...] = ENGINE
         if [(i.name, i.dims) for i in first.inputs] != [(i.name, i.dims) for i in other.inputs] \
                 or first.outputs != other.outputs:
             raise BenchError(f"{first.path} and {other.path} have different inputs/outputs: not the same exported model")
+        differences = config_differences(first.config, other.config)
+        if first.vocab_size != other.vocab_size and not any(d.startswith("vocab_size") for d in differences):
+            differences.insert(0, f"vocabulary {first.vocab_size} vs {other.vocab_size}")
+        if differences:
+            raise BenchError(f"{first.path} and {other.path} are exports of different models ({'; '.join(differences)}): "
+                             "give a dense and a sparse export of the same model")
     cases = bench_cases(first, batch, tuple(seqs), decode)
     doc = {"format": "sdsonnx-bench/1", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": machine_info(threads), "warmup": warmup, "reps": reps, "seed": seed,
@@ -222,7 +242,7 @@ def bench_models(paths: dict[str, str | Path], engines: tuple[str, ...] = ENGINE
             doc["records"] += _records("onnxruntime", models, timings)
         if ds_python is not None:
             ds_timings, errors, rewrites = _run_deepsparse(ds_python, models, graphs, cases, refs, threads, warmup, reps,
-                                                           workdir, seed)
+                                                           workdir, seed, worker_timeout, engines == ("deepsparse",))
             doc["engines"]["deepsparse"] = {"python": str(ds_python), "rewrites": rewrites,
                                             "version": next((t.get("version") for t in ds_timings), None)}
             doc["records"] += _records("deepsparse", models, ds_timings)

@@ -16,17 +16,22 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError
+
 log = logging.getLogger(__name__)
 
 VENV_NAME = ".venv-deepsparse"
 PACKAGES = ("deepsparse==1.8.0", "onnxruntime")
 ENV_VAR = "SDSONNX_DEEPSPARSE_PYTHON"
+WORKER_TIMEOUT_S = 3600.0  # one worker run (compile + time one case); a hung worker is killed after this
+PROBE_TIMEOUT_S = 300.0  # `import deepsparse` in the venv
+TIMED_OUT = 124  # WorkerRun.returncode of a worker killed at its timeout
 WORKER = Path(__file__).with_name("deepsparse_worker.py")
 SETUP_HINT = (f"python3.11 -m venv {VENV_NAME} && {VENV_NAME}/bin/pip install {' '.join(PACKAGES)}"
               "  (or: sdsonnx bench --setup-deepsparse, or: make deepsparse)")
 
 
-class DeepSparseUnavailable(RuntimeError):
+class DeepSparseUnavailable(InputError, RuntimeError):
     """No usable DeepSparse venv."""
 
 
@@ -40,6 +45,10 @@ class WorkerRun:
     @property
     def crashed(self) -> bool:
         return self.returncode not in (0, 3)
+
+    @property
+    def timed_out(self) -> bool:
+        return self.returncode == TIMED_OUT
 
 
 def default_venv() -> Path:
@@ -55,15 +64,20 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def find_deepsparse_python(venv: Path | None = None) -> Path:
-    """Python of a venv where `import deepsparse` works; raises DeepSparseUnavailable with the set-up one-liner."""
+def find_deepsparse_python(venv: Path | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> Path:
+    """Python of a venv where `import deepsparse` works; raises DeepSparseUnavailable with the set-up one-liner
+    (also when the probe does not finish within timeout_s)."""
     configured = os.environ.get(ENV_VAR)
     python = Path(configured) if configured else (venv or default_venv()) / "bin" / "python"
     if not python.exists():
         raise DeepSparseUnavailable(f"DeepSparse not found ({python} missing). Create its venv: {SETUP_HINT}")
-    probe = subprocess.run([str(python), "-c", "import deepsparse, numpy; print(deepsparse.__version__, numpy.__version__)"],
-                           capture_output=True, text=True, env=worker_env(), timeout=300)
-    if probe.returncode != 0:
+    try:
+        probe = subprocess.run([str(python), "-c", "import deepsparse, numpy; print(deepsparse.__version__, numpy.__version__)"],
+                               capture_output=True, text=True, env=worker_env(), timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise DeepSparseUnavailable(f"{python} did not finish `import deepsparse` within {timeout_s:.0f} s. "
+                                    f"Recreate its venv: {SETUP_HINT}") from None
+    if probe.returncode != 0 or len(probe.stdout.split()) < 2:
         tail = probe.stderr.strip().splitlines()[-1:] or ["?"]
         raise DeepSparseUnavailable(f"{python} cannot import deepsparse ({tail[0]}). Recreate its venv: {SETUP_HINT}")
     version, numpy_version = probe.stdout.split()[-2:]
@@ -86,13 +100,15 @@ def setup_deepsparse(venv: Path | None = None, base_python: str = "python3.11") 
     return find_deepsparse_python(venv)
 
 
-def run_worker(python: Path, job: Path, result: Path, timeout_s: float = 3600) -> WorkerRun:
-    """Run deepsparse_worker.py JOB RESULT in the DeepSparse venv; a native crash is returned, never raised."""
+def run_worker(python: Path, job: Path, result: Path, timeout_s: float = WORKER_TIMEOUT_S) -> WorkerRun:
+    """Run deepsparse_worker.py JOB RESULT in the DeepSparse venv; a native crash is returned, never raised.
+
+    A worker still running after timeout_s is killed (subprocess.run kills it) and returned with exit TIMED_OUT."""
     try:
         proc = subprocess.run([str(python), str(WORKER), str(job), str(result)], capture_output=True, text=True,
                               env=worker_env(), timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return WorkerRun(124, f"timed out after {timeout_s:.0f} s")
+        return WorkerRun(TIMED_OUT, f"timed out after {timeout_s:g} s")
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.lstrip().startswith("[")]
     for line in lines:
         if line.startswith("compiled"):
