@@ -123,20 +123,6 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
         return _run_into(recipe, work, Path(output).resolve(), progress, texts, recipe_path, tokens, wall)
 
 
-def local_tokenizer(recipe: Recipe):
-    """The tokenizer of a built-in or folder model, read without its weights (load_model reads the same one), so
-    that the data is checked before the weights load; None for GGUF files and hub ids."""
-    from transformers import AutoTokenizer
-
-    from .models import classify_model_source, resolve_model_dir
-
-    kind = classify_model_source(recipe.model)
-    if kind not in ("builtin", "hf_dir"):
-        return None
-    return AutoTokenizer.from_pretrained(resolve_model_dir(recipe.model),
-                                         trust_remote_code=recipe.trust_remote_code and kind == "hf_dir")
-
-
 def _run_into(recipe: Recipe, work: Path, output: Path, progress: bool, texts: dict[str, Texts],
               recipe_path: str, tokens: tuple | None, wall: dict[str, float]) -> dict:
     """run_recipe's body: load, prune, evaluate and write everything into `work` (to become `output`)."""
@@ -176,6 +162,20 @@ def _run_into(recipe: Recipe, work: Path, output: Path, progress: bool, texts: d
         report.export = export_run(recipe, work, report.wall_seconds, output)
         write_report(report, work)
     return report.to_dict()
+
+
+def local_tokenizer(recipe: Recipe):
+    """The tokenizer of a built-in or folder model, read without its weights (load_model reads the same one), so
+    that the data is checked before the weights load; None for GGUF files and hub ids."""
+    from transformers import AutoTokenizer
+
+    from .models import classify_model_source, resolve_model_dir
+
+    kind = classify_model_source(recipe.model)
+    if kind not in ("builtin", "hf_dir"):
+        return None
+    return AutoTokenizer.from_pretrained(resolve_model_dir(recipe.model),
+                                         trust_remote_code=recipe.trust_remote_code and kind == "hf_dir")
 
 
 def export_run(recipe: Recipe, output: Path, wall: dict[str, float], final: Path | None = None) -> ExportRecord:
