@@ -55,7 +55,7 @@ def test_layout_and_metadata(exports, arch, task):
     names = {p.name for p in out.iterdir()}
     assert {"model.onnx", "sdsonnx.json", "config.json", "tokenizer.json", "tokenizer_config.json"} <= names
     meta = _meta(out)
-    assert meta["sdsonnx.format_version"] == "1"
+    assert meta["sdsonnx.format_version"] == "2"
     assert meta["sdsonnx.pattern"] == "2:4"
     assert float(meta["sdsonnx.sparsity"]) == 0.5
     assert meta["sdsonnx.recipe_hash"] == "0" * 64

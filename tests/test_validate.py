@@ -231,8 +231,8 @@ def test_parse_props():
             "sdsonnx.recipe_hash": "", "sdsonnx.source_sha256": "ff", "sdsonnx.version": "0.1.0"}
     meta, problems = parse_props(good)
     assert problems == [] and meta.initializers["w"].zeros == 16 and meta.sparsity == 0.5
-    assert parse_props({**good, "sdsonnx.format_version": "2"})[1] == [
-        "metadata sdsonnx.format_version=2 is not supported (this reader knows 1)"]
+    assert parse_props({**good, "sdsonnx.format_version": "3"})[1] == [
+        "metadata sdsonnx.format_version=3 is not supported (this reader knows 1, 2)"]
     assert parse_props({**good, "sdsonnx.sparsity": "1.5"})[1] == [
         "metadata sdsonnx.sparsity='1.5' is not a number in [0, 1]"]
     assert parse_props({**good, "sdsonnx.pattern": "half"})[1] == [

@@ -1,4 +1,4 @@
-"""Sparsity metadata stored in ModelProto.metadata_props under keys prefixed `sdsonnx.` (format version 1).
+"""Sparsity metadata stored in ModelProto.metadata_props under keys prefixed `sdsonnx.` (format version 2; 1 is read).
 
 Every value is a string (ONNX metadata is string -> string); readable with plain `onnx`:
 
@@ -6,13 +6,18 @@ Every value is a string (ONNX metadata is string -> string); readable with plain
     json.loads(meta["sdsonnx.initializers"])
 
 Keys (docs/ARTIFACTS.md is the reference):
-  sdsonnx.format_version   "1"
+  sdsonnx.format_version   "2" ("1": written before quantized artifacts; still read)
   sdsonnx.sparsity         zeros / elements over the pruned weights listed in sdsonnx.initializers (repr float)
   sdsonnx.pattern          "dense" | "unstructured" | "n:m" (tightest standard n:m every listed weight satisfies)
   sdsonnx.initializers     JSON {initializer: {module, shape, axis, zeros, numel, sparsity, pattern, sha256}}
   sdsonnx.recipe_hash      sha256 of the resolved recipe, "" when the checkpoint had none
   sdsonnx.source_sha256    hash of the source checkpoint's weights (see checkpoint.weights_digest)
   sdsonnx.version          sdsonnx version that wrote the metadata
+  sdsonnx.quantization     version 2: "none", or JSON {scheme, options, quantized: {initializer: {...}}, fp32: [...]}
+
+Version 2 adds the entry fields `scheme` ("fp32" or the quantization scheme) and `zero_point` (the stored value
+that means zero: 0 for fp32 and symmetric INT8, 128 / 8 for MatMulNBits 8 / 4 bit), and `zeros` counts elements
+equal to the zero point (artifact/quantized.py); for fp32 weights every field means what it meant in version 1.
 
 `describe_initializer` measures one stored weight into its entry and `global_pattern` combines the entries'
 patterns: export writes what they measure and validate compares it with what was written.
@@ -30,9 +35,11 @@ import numpy as np
 from ..masks import STANDARD_NM, satisfied_patterns, tightest
 
 PREFIX = "sdsonnx."
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 KEYS = ("format_version", "sparsity", "pattern", "initializers", "recipe_hash", "source_sha256", "version")
 ENTRY_FIELDS = ("module", "shape", "axis", "zeros", "numel", "sparsity", "pattern", "sha256")
+ENTRY_FIELDS_V2 = ENTRY_FIELDS + ("scheme", "zero_point")
 _PATTERN = re.compile(r"^(dense|unstructured|\d+:\d+)$")
 _HEX = re.compile(r"^[0-9a-f]*$")
 
@@ -49,6 +56,8 @@ class InitializerSparsity:
     sparsity: float  # zeros / numel
     pattern: str  # "dense" | "unstructured" | "n:m"
     sha256: str  # sha256 of the initializer's little-endian bytes
+    scheme: str = "fp32"  # version 2: fp32 or the quantization scheme (int8-nbits, ...)
+    zero_point: int | None = 0  # version 2: stored value meaning zero (None: differs per channel/block)
 
 
 @dataclass
@@ -60,6 +69,7 @@ class SparsityMetadata:
     recipe_hash: str
     source_sha256: str
     version: str
+    quantization: str = "none"  # version 2: "none" or the sdsonnx.quantization JSON text
 
 
 def array_sha256(a: np.ndarray) -> str:
@@ -92,11 +102,14 @@ def global_sparsity(entries: dict[str, InitializerSparsity]) -> float:
 
 def to_props(meta: SparsityMetadata) -> dict[str, str]:
     """The metadata as the string -> string map written into the model."""
-    entries = {name: asdict(e) for name, e in sorted(meta.initializers.items())}
+    fields = ENTRY_FIELDS if meta.format_version == 1 else ENTRY_FIELDS_V2
+    entries = {name: {k: asdict(e)[k] for k in fields} for name, e in sorted(meta.initializers.items())}
     values = {"format_version": str(meta.format_version), "sparsity": repr(float(meta.sparsity)),
               "pattern": meta.pattern, "initializers": json.dumps(entries, separators=(",", ":")),
-              "recipe_hash": meta.recipe_hash, "source_sha256": meta.source_sha256, "version": meta.version}
-    return {PREFIX + k: values[k] for k in KEYS}
+              "recipe_hash": meta.recipe_hash, "source_sha256": meta.source_sha256, "version": meta.version,
+              "quantization": meta.quantization}
+    keys = KEYS if meta.format_version == 1 else KEYS + ("quantization",)
+    return {PREFIX + k: values[k] for k in keys}
 
 
 def write_metadata(model, props: dict[str, str]) -> None:
@@ -123,8 +136,9 @@ def parse_props(props: dict[str, str]) -> tuple[SparsityMetadata | None, list[st
         version = int(get("format_version"))
     except ValueError:
         return None, [f"metadata {PREFIX}format_version={get('format_version')!r} is not an integer"]
-    if version != FORMAT_VERSION:
-        return None, [f"metadata {PREFIX}format_version={version} is not supported (this reader knows {FORMAT_VERSION})"]
+    if version not in READABLE_VERSIONS:
+        return None, [f"metadata {PREFIX}format_version={version} is not supported (this reader knows "
+                      f"{', '.join(map(str, READABLE_VERSIONS))})"]
     try:
         sparsity = float(get("sparsity"))
         if not (math.isfinite(sparsity) and 0.0 <= sparsity <= 1.0):
@@ -137,16 +151,17 @@ def parse_props(props: dict[str, str]) -> tuple[SparsityMetadata | None, list[st
     for key in ("recipe_hash", "source_sha256"):
         if not _HEX.match(get(key)) or (key == "source_sha256" and not get(key)):
             problems.append(f"metadata {PREFIX}{key}={get(key)!r} is not a lowercase hex digest")
-    entries, entry_problems = _parse_entries(get("initializers"))
+    entries, entry_problems = _parse_entries(get("initializers"), ENTRY_FIELDS if version == 1 else ENTRY_FIELDS_V2)
     problems += entry_problems
     if entries is None:
         return None, problems
     meta = SparsityMetadata(version, sparsity, get("pattern"), entries, get("recipe_hash"), get("source_sha256"),
-                            get("version"))
+                            get("version"), props.get(PREFIX + "quantization", "none") if version > 1 else "none")
     return meta, problems
 
 
-def _parse_entries(text: str) -> tuple[dict[str, InitializerSparsity] | None, list[str]]:
+def _parse_entries(text: str, fields: tuple[str, ...] = ENTRY_FIELDS) -> tuple[dict[str, InitializerSparsity] | None,
+                                                                                list[str]]:
     key = PREFIX + "initializers"
     try:
         raw = json.loads(text)
@@ -156,8 +171,8 @@ def _parse_entries(text: str) -> tuple[dict[str, InitializerSparsity] | None, li
         return None, [f"metadata {key} is not a JSON object"]
     entries, problems = {}, []
     for name, body in raw.items():
-        if not isinstance(body, dict) or set(body) != set(ENTRY_FIELDS):
-            problems.append(f"metadata {key}[{name!r}] must have exactly the fields {', '.join(ENTRY_FIELDS)}")
+        if not isinstance(body, dict) or set(body) != set(fields):
+            problems.append(f"metadata {key}[{name!r}] must have exactly the fields {', '.join(fields)}")
             continue
         entry = InitializerSparsity(**body)
         ints_ok = all(isinstance(v, int) and v >= 0 for v in (entry.axis, entry.zeros, entry.numel))
