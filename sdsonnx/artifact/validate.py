@@ -371,6 +371,13 @@ def validate_artifact(folder: str | Path, checkpoint: str | Path | None = None, 
     if checkpoint is not None:
         check_checkpoint_fits(folder, Path(checkpoint))
     report = ValidationReport(str(folder), None if checkpoint is None else str(checkpoint), atol, rtol)
+    from .quantized import is_quantized
+
+    if is_quantized(proto):  # export --quantize: integer weights, numerics as KL / top-1 (validate_quantized.py)
+        from .validate_quantized import validate_quantized
+
+        validate_quantized(report, folder, proto, None if checkpoint is None else Path(checkpoint))
+        return _finish(report, folder, write)
     try:
         arrays = load_initializers(proto, folder)
     except (FileNotFoundError, OSError, ValueError) as exc:
