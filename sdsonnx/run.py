@@ -1,6 +1,7 @@
 """`sdsonnx run`: check the recipe, load model and data, prune, evaluate, save checkpoint and report."""
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import resource
@@ -182,6 +183,7 @@ def export_run(recipe: Recipe, output: Path, wall: dict[str, float], final: Path
     """Export the run's checkpoint to output/onnx and validate it when the recipe asks; adds the times to `wall`.
     `output` is the run's work area, `final` the output folder it becomes (recorded in sdsonnx.json)."""
     from .artifact.export import write_export
+    from .artifact.files import VALIDATION_FILE
     from .artifact.validate import validate_artifact
 
     seconds: dict[str, float] = {}
@@ -192,7 +194,10 @@ def export_run(recipe: Recipe, output: Path, wall: dict[str, float], final: Path
     if not recipe.export.validate_artifact:
         return ExportRecord("onnx", None)
     with timed(seconds, "validate"):
-        checked = validate_artifact(output / "onnx", output)
+        checked = validate_artifact(output / "onnx", output, write=False)
+    if final is not None:  # validation.json names the folders the work area becomes
+        checked.artifact, checked.checkpoint = str(final / "onnx"), str(final)
+    (output / "onnx" / VALIDATION_FILE).write_text(json.dumps(checked.to_json(), indent=2))
     wall["validate"] = round(seconds["validate"], 3)
     failures = [f"{f.check}: {f.subject}: {f.message}" for f in checked.failures]
     return ExportRecord("onnx", ValidationRecord(checked.ok, failures))

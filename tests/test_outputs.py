@@ -273,5 +273,9 @@ def test_run_killed_at_random_points_leaves_previous_or_nothing(fork_server, tmp
         return ["run", str(recipe), "--output", str(out), "--no-progress"] + (["--force"] if force else [])
 
     outcomes = kill_at_random_points(fork_server, tmp_path, args_for, seed=15, points=6)
-    assert (tmp_path / "done" / "onnx" / "model.onnx").is_file() and (tmp_path / "done" / "report.json").is_file()
+    done = tmp_path / "done"
+    assert (done / "onnx" / "model.onnx").is_file() and json.loads((done / "report.json").read_text())["export"]
+    assert json.loads((done / "onnx" / "sdsonnx.json").read_text())["source"]["checkpoint"] == str(done.resolve())
+    validation = json.loads((done / "onnx" / "validation.json").read_text())
+    assert validation["ok"] and validation["artifact"] == str(done.resolve() / "onnx"), validation
     assert any(not o.endswith("complete") for o in outcomes), outcomes
