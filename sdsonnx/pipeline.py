@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import NumericalError
 from .blocks import BlockInputs, capture_block_inputs, find_blocks, run_block, target_linears
 from .recipe import PruneStage, Recipe, RecipeError
 from .report import ModuleRecord, StageRecord
@@ -183,11 +185,55 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
                 continue
             _set_weights(linears, versions[key.version])
             streams[key] = run_block(block, streams[key], inputs.kwargs[index])
+        for key, hidden in streams.items():
+            check_finite_activations(hidden, index, key, recipe.activation_dtype)
         _set_weights(linears, versions[-1])
         for version, snapshot in result.snapshots.items():
             snapshot.update({n: w.to("cpu", storage_dtype) for n, w in versions[version].items()})
         block.to("cpu", storage_dtype)
     return result
+
+
+def check_finite_weight(weight: torch.Tensor, block: int, name: str, stage: int, kind: str) -> None:
+    """NumericalError naming block and module where a stage's output weight [d_out, d_in] has NaN/Inf."""
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise NumericalError(f"block {block}, module {name}: stage {stage} ({kind}) produced {bad} NaN/Inf weights "
+                             f"of {weight.numel()}; check the model's weights for NaN/Inf (sdsonnx inspect)")
+
+
+def check_finite_inputs(stats, block: int, name: str, stage: int, kind: str) -> None:
+    """NumericalError naming block and module where the inputs of a Linear (its X X^T) have NaN/Inf."""
+    if not bool(torch.isfinite(stats.hessian).all()):
+        raise NumericalError(f"block {block}, module {name}: NaN/Inf in its input activations (statistics of stage "
+                             f"{stage}, {kind}); a weight of an earlier module or block is NaN/Inf, or the activations "
+                             "overflow their dtype (try activation_dtype: float32)")
+
+
+def check_finite_activations(hidden: torch.Tensor, block: int, key: StreamKey, dtype: str) -> None:
+    """NumericalError naming the block whose output hidden states [n, L, d] have NaN/Inf."""
+    if not bool(torch.isfinite(hidden).all()):
+        raise NumericalError(f"block {block}: NaN/Inf in its output activations (model version {key.version}, "
+                             f"calibration part {key.part}, activation_dtype {dtype}); check the block's weights for "
+                             "NaN/Inf, or use activation_dtype: float32")
+
+
+def stage_with_fallbacks(stage, w: torch.Tensor, ctx: ModuleContext) -> tuple[torch.Tensor, dict]:
+    """STAGES[stage.kind](stage, w, ctx), with `fallback: wanda` added to the record where SparseGPT's Hessian
+    stayed singular (a HessianFallback warning); other warnings pass through."""
+    from .prune.sparsegpt import FALLBACK, HessianFallback
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HessianFallback)
+        weight, info = STAGES[stage.kind](stage, w, ctx)
+    fallback = [c for c in caught if issubclass(c.category, HessianFallback)]
+    for c in caught:
+        if not issubclass(c.category, HessianFallback):
+            warnings.warn_explicit(c.message, c.category, c.filename, c.lineno)
+    if fallback:
+        log.warning("%s: %s", ctx.name, fallback[0].message)
+        info = {**info, "fallback": FALLBACK}
+    return weight, info
 
 
 def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str, nn.Linear],
@@ -213,8 +259,10 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
             ctx = ModuleContext(name=name, dense=versions[0][name], first_pruned=versions[1][name] if i > 0 else None,
                                 stats=stats[name], pattern=first.pattern_for(index, name, result.block_sparsity),
                                 first_prune=first)
+            check_finite_inputs(stats[name], index, name, i, stage.kind)
             t0 = time.perf_counter()
-            weight, info = STAGES[stage.kind](stage, versions[i][name], ctx)
+            weight, info = stage_with_fallbacks(stage, versions[i][name], ctx)
+            check_finite_weight(weight, index, name, i, stage.kind)
             out[name] = weight.float()
             record = StageRecord(stage.kind, float((weight == 0).float().mean()),
                                  output_error(ctx.dense, weight, stats[name].hessian), time.perf_counter() - t0, info)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, Union
@@ -15,12 +16,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .pattern import Pattern
+from .errors import InputError
 
 if TYPE_CHECKING:
     from .prune import PruneOptions
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError, ValueError):
     """A recipe that cannot run; the message names the file and the field."""
 
 
@@ -77,7 +79,13 @@ class Override(_Strict):
         return self
 
 
+_NM = re.compile(r"^\s*\d+\s*:\s*\d+\s*$")
+
+
 def _nm_pattern(value: str) -> Pattern:
+    if not _NM.match(str(value)):
+        raise ValueError(f"pattern must be n:m with integers 0 < n < m (e.g. 2:4), got {value!r}; "
+                         "use sparsity: for unstructured")
     pattern = Pattern.parse(value)  # raises ValueError for n >= m or n == 0
     if not pattern.is_nm:
         raise ValueError(f"pattern must look like n:m (e.g. 2:4), got {value!r}; use sparsity: for unstructured")
@@ -250,22 +258,95 @@ def _format_errors(path: str, exc: ValidationError) -> str:
 def parse_recipe(data: dict, path: str = "<recipe>") -> Recipe:
     """Validate a recipe given as a dict; raise RecipeError listing every problem."""
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+        got = "an empty document" if data is None else f"a {type(data).__name__}"
+        raise RecipeError(f"{path}: <root>: a recipe must be a mapping of fields (model:, stages:, ...), got {got}")
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(_format_errors(path, exc)) from None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"key {key!r} on line {line} already appears on line {first}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+                if first != key_node.start_mark.line + 1:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path):
+    """The YAML document in `path` (safe loading, duplicate keys refused); RecipeError naming file and line."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    except _DuplicateKey as exc:
+        raise RecipeError(f"{path}: line {exc.line}: key {exc.key!r} appears twice in one mapping (first on line "
+                          f"{exc.first}); keep one") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
+
+
+def _relative_to(folder: Path, value: str) -> str:
+    """`value` joined to `folder` when it is a relative path (absolute and ~ paths unchanged)."""
+    path = Path(value).expanduser()
+    return value if path.is_absolute() else os.path.normpath(folder / path)
+
+
+def resolve_paths(data: dict, folder: Path) -> dict:
+    """The recipe dict with its relative paths resolved against `folder`, the recipe file's folder.
+
+    output, calibration.source and evaluation.source are paths unless they are a built-in name (wiki-extracts, c4,
+    wikitext2); model is a path unless it is a built-in name (smollm2-135m) or looks like a hub id 'org/name' that
+    names nothing under `folder`. docs/RECIPES.md ("Paths") states the rule.
+    """
+    from .data import BUILTIN_DATA, HUB_DATA
+    from .models import _HUB_ID, BUILTIN_MODELS
+
+    data = dict(data)
+    if isinstance(data.get("output"), str):
+        data["output"] = _relative_to(folder, data["output"])
+    model = data.get("model")
+    if isinstance(model, str) and model.strip() and model not in BUILTIN_MODELS:
+        if not (_HUB_ID.match(model) and not (folder / model).exists()):
+            data["model"] = _relative_to(folder, model)
+    for field in ("calibration", "evaluation"):
+        spec = data.get(field)
+        if isinstance(spec, dict) and isinstance(spec.get("source"), str) and spec["source"].strip() \
+                and spec["source"] not in (*BUILTIN_DATA, *HUB_DATA):
+            data[field] = {**spec, "source": _relative_to(folder, spec["source"])}
+    return data
+
+
 def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
-    """Read and validate a YAML recipe; `overrides` replaces top-level keys (e.g. output from the CLI)."""
+    """Read and validate a YAML recipe; relative paths in it resolve against its folder (resolve_paths);
+    `overrides` replaces top-level keys after that (e.g. output from the CLI, relative to the current folder)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    if isinstance(data, dict) and overrides:
-        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    data = read_yaml(path)
+    if isinstance(data, dict):
+        data = resolve_paths(data, path.parent)
+        if overrides:
+            data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
     return parse_recipe(data, str(path))

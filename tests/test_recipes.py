@@ -77,3 +77,51 @@ def test_preflight_does_not_import_the_pipeline():
 
     code = "import sys, sdsonnx.preflight; sys.exit('sdsonnx.pipeline' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: a\noutput: x\nstages: []\noutput: y\n", r"r\.yaml: line 4: key 'output' appears twice in one mapping \(first on line 2\)"),
+    ("model: a\ncalibration:\n  seed: 1\n  seed: 2\n", r"r\.yaml: line 4: key 'seed' appears twice"),
+    ("- model: a\n", r"r\.yaml: <root>: a recipe must be a mapping .* got a list"),
+    ("42\n", r"r\.yaml: <root>: a recipe must be a mapping .* got a int"),
+    ("", r"r\.yaml: <root>: .*got an empty document"),
+    ("model: !!python/object/apply:os.system ['true']\n", r"r\.yaml: not valid YAML at line 1, column 8: .*python/object"),
+])
+def test_yaml_documents_that_are_refused(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_merge_keys_are_not_duplicates(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: smollm2-135m\nstages:\n  - <<: {kind: prune, method: wanda}\n    sparsity: 0.5\n")
+    assert load_recipe(path).first_prune.sparsity == 0.5
+
+
+def test_relative_paths_resolve_against_the_recipe_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "cal.txt").write_text("text\n")
+    (folder / "ckpt").mkdir()
+    path = folder / "r.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "model": "ckpt", "output": "../runs/x",
+                                    "calibration": {"source": "data/cal.txt"}, "evaluation": {"source": "wikitext2"}}))
+    monkeypatch.chdir(tmp_path / "recipes" / "data")  # the current folder does not matter
+    recipe = load_recipe(path)
+    assert (recipe.model, recipe.output) == (str(folder / "ckpt"), str(tmp_path / "runs" / "x"))
+    assert recipe.calibration.source == str(folder / "data" / "cal.txt")
+    assert recipe.evaluation.source == "wikitext2"  # built-in names are not paths
+    assert load_recipe(path, {"output": "here"}).output == "here"  # -o/--output stays relative to the current folder
+    path.write_text(yaml.safe_dump({**BASE, "model": "org/name", "output": str(tmp_path / "abs")}))
+    assert (load_recipe(path).model, load_recipe(path).output) == ("org/name", str(tmp_path / "abs"))  # a hub id
+    path.write_text(yaml.safe_dump(BASE))
+    assert load_recipe(path).model == "smollm2-135m"
+
+
+def test_shipped_recipes_write_into_the_repository_runs_folder(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    root = RECIPES[0].parents[1]
+    for path in RECIPES:
+        assert load_recipe(path).output == str(root / "runs" / path.stem), path.name

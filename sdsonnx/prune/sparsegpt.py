@@ -2,15 +2,22 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 
-from ..masks import nm_mask, prune_count, topk_mask
+from ..masks import keep_largest, nm_mask, prune_count, topk_mask
 from ..pattern import Pattern
 
 log = logging.getLogger(__name__)
 
-MAX_DAMP_RETRIES = 4
+MAX_DAMP_RETRIES = 4  # damping escalates percdamp x10 per retry: 0.01 -> 100 x mean(diag H) at most
+FALLBACK = "wanda"  # the value of a stage record's `fallback` key (docs/ARTIFACTS.md)
+
+
+class HessianFallback(UserWarning):
+    """Warned when H stays singular after every damping retry and the pruner falls back to Wanda's selection;
+    the pipeline records it as `fallback` in the module's stage record."""
 
 
 def _cholesky_upper(h: torch.Tensor) -> torch.Tensor | None:
@@ -21,28 +28,40 @@ def _cholesky_upper(h: torch.Tensor) -> torch.Tensor | None:
     return lower.T
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """H [d, d] (dead inputs already set to 1 on the diagonal) -> upper Cholesky factor of (H + damp I)^-1.
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor | None:
+    """H [d, d] (dead inputs already set to 1 on the diagonal) -> upper Cholesky factor of (H + damp I)^-1, or None.
 
-    damp = percdamp * mean(diag H); where a factorisation fails, the damping grows 10x, up to MAX_DAMP_RETRIES times.
+    damp = percdamp * mean(|diag H|); where a factorisation fails, the damping grows 10x, up to MAX_DAMP_RETRIES
+    times. None: H + damp I is still not positive definite at the largest damping (H is not a Gram matrix).
     """
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("SparseGPT: the Hessian has non-finite entries (NaN/inf in the calibration inputs?)")
     d = hessian.shape[0]
     eye = torch.eye(d, device=hessian.device, dtype=hessian.dtype)
-    damp = percdamp * float(torch.diag(hessian).mean())
+    scale = max(float(torch.diag(hessian).abs().mean()), 1e-12)
+    damp = max(percdamp, 1e-8) * scale
     for attempt in range(MAX_DAMP_RETRIES + 1):
         lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
         if int(info) == 0:
             factor = _cholesky_upper(torch.cholesky_inverse(lower))
             if factor is not None:
                 return factor
-        new_damp = max(damp * 10, 1e-6 * float(torch.diag(hessian).abs().mean().clamp_min(1e-30)))
-        log.warning("SparseGPT: Hessian not positive definite with damping %.3g; retrying with %.3g (try %d)",
-                    damp, new_damp, attempt + 1)
-        damp = new_damp
-    raise RuntimeError(f"SparseGPT: Cholesky of the damped Hessian [{d}x{d}] failed even with damping {damp / 10:.3g} "
-                       f"after {MAX_DAMP_RETRIES} retries; raise percdamp or check the calibration inputs")
+        if attempt < MAX_DAMP_RETRIES:
+            log.warning("SparseGPT: Hessian not positive definite with damping %.3g; retrying with %.3g (try %d)",
+                        damp, damp * 10, attempt + 1)
+            damp *= 10
+    return None
+
+
+def _fallback_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, damp_cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wanda's selection without a weight update: keep the largest |W_ij| sqrt(H_jj) (n:m per group, unstructured
+    matrix-wide with SparseGPT's count); W [out, in] float32, H [in, in] -> (pruned W, mask)."""
+    warnings.warn(HessianFallback(
+        f"SparseGPT: the damped Hessian [{H.shape[0]}x{H.shape[0]}] is singular even with percdamp {damp_cap:.3g}: "
+        "mask by |W| sqrt(diag H) (Wanda), no weight update"), stacklevel=3)
+    scores = W.abs() * torch.diag(H).clamp_min(0).sqrt().reshape(1, -1)
+    mask = keep_largest(scores, pattern, per_row=False)
+    return torch.where(mask, W, 0.0), mask
 
 
 def _block_mask(w1: torch.Tensor, hinv_diag: torch.Tensor, n_prune: int) -> torch.Tensor:
@@ -77,6 +96,9 @@ def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, bl
     H[dead, dead] = 1
     W[:, dead] = 0
     Hinv = inverse_hessian_factor(H, percdamp)
+    if Hinv is None:
+        pruned, mask = _fallback_prune(W, H, pattern, max(percdamp, 1e-8) * 10 ** MAX_DAMP_RETRIES)
+        return pruned.to(w.dtype), mask
     if pattern.is_nm:
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
     total = prune_count(pattern.sparsity, W.numel())
