@@ -66,6 +66,9 @@ def test_optional_entries_are_left_out_and_old_reports_read_as_version_0():
     del data["report_version"]
     back = RunReport.from_dict(data)
     assert back.report_version == 0 and back.modules == report.modules
+    assert "trust_remote_code" not in data and back.trust_remote_code is None
+    report.trust_remote_code = True  # recorded only when the recipe let the model's code run
+    assert RunReport.from_dict(report.to_dict()).trust_remote_code is True
 
 
 def test_timed_adds_up():
@@ -103,7 +106,8 @@ def test_a_real_runs_report_has_exactly_the_documented_keys(tiny_run):
     data = json.loads((out / "report.json").read_text())
     assert returned == data
     top, module, stage = documented_keys()
-    assert set(data) == top - {"export"}  # no export in this recipe; weight_figure is drawn by default
+    # no export in this recipe, trust_remote_code not set (written only when true); weight_figure is drawn by default
+    assert set(data) == top - {"export", "trust_remote_code"}
     assert data["report_version"] == REPORT_VERSION
     assert set(data["perplexity"]) == {"dense", "after_1_prune", "after_2_redense", "pruned"}
     assert set(data["wall_seconds"]) == {"load", "eval_dense", "prune", "stage_prune", "stage_redense",
