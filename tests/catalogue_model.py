@@ -116,24 +116,17 @@ def fake_gguf(tmp: Path) -> Path:
     return path
 
 
-def nan_weight(tmp: Path) -> Path:
-    from safetensors.torch import load_file, save_file
+def bad_value(tensor: str, index: tuple[int, int], value: float):
+    """A model maker: the tiny checkpoint with tensor[index] = value (NaN or Inf)."""
+    def make_model(tmp: Path) -> Path:
+        from safetensors.torch import load_file, save_file
 
-    folder = checkpoint(tmp)
-    tensors = load_file(folder / "model.safetensors")
-    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
-
-
-def inf_weight(tmp: Path) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    folder = checkpoint(tmp)
-    tensors = load_file(folder / "model.safetensors")
-    tensors["model.layers.0.self_attn.k_proj.weight"][0, 0] = float("inf")
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
+        folder = checkpoint(tmp)
+        tensors = load_file(folder / "model.safetensors")
+        tensors[tensor][index] = value
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+    return make_model
 
 
 def remote_code(tmp: Path) -> Path:
@@ -145,7 +138,8 @@ def remote_code(tmp: Path) -> Path:
 
 
 CASES = [
-    case("model", "model-missing", "a missing model path", run_model(missing), r"{tmp}/no-such-model: no such file or folder", output="out"),
+    case("model", "model-missing", "a missing model path", run_model(missing),
+         r"{tmp}/no-such-model: no such file or folder", output="out"),
     case("model", "model-not-causal-lm", "a folder that is not a causal LM (BERT config.json)", run_model(bert),
          r"{tmp}/bert/config\.json.*bert.*not a causal language model", output="out"),
     case("model", "model-no-weights", "a folder with config.json but no weights", run_model(no_weights),
@@ -162,9 +156,11 @@ CASES = [
          r"{tmp}/model\.gguf: truncated or corrupted GGUF", output="out"),
     case("model", "gguf-fake", "a .gguf file that is not GGUF", run_model(fake_gguf),
          r"{tmp}/model\.gguf: not a GGUF file", output="out"),
-    case("model", "weights-nan", "NaN in the weights", run_model(nan_weight),
+    case("model", "weights-nan", "NaN in the weights",
+         run_model(bad_value("model.layers.1.mlp.down_proj.weight", (3, 5), float("nan"))),
          r"tensor model\.layers\.1\.mlp\.down_proj\.weight has 1 NaN/Inf", output="out"),
-    case("model", "weights-inf", "Inf in the weights", run_model(inf_weight),
+    case("model", "weights-inf", "Inf in the weights",
+         run_model(bad_value("model.layers.0.self_attn.k_proj.weight", (0, 0), float("inf"))),
          r"tensor model\.layers\.0\.self_attn\.k_proj\.weight has 1 NaN/Inf", output="out"),
     case("model", "pickle-refused", "pickle weights (pytorch_model.bin) without allow_pickle", run_model(pickle_only),
          r"{tmp}/ckpt: weights only as pickle \(pytorch_model\.bin\).*allow_pickle: true", output="out"),
