@@ -26,7 +26,9 @@ from .initializers import WeightMappingError, consumers, input_axis, load_initia
 from .metadata import PREFIX, describe_initializer, global_pattern, parse_props, read_props
 from .quantized import THRESHOLDS, describe, int_weights, nm_problem, zero_problems
 
-CASES = ((1, 24), (1, 64), (2, 32))  # (batch, length) of random token ids, prefill
+CASES = ((1, 24), (1, 64), (2, 32))  # (batch, length) of random token ids, prefill: only when no text tokenizes
+TEXT = "wiki-extracts"  # numerics text: TEXT_WINDOWS windows of TEXT_WINDOW tokens of its evaluation part
+TEXT_WINDOWS, TEXT_WINDOW = 4, 128
 FIELDS = ("shape", "axis", "zeros", "numel", "pattern", "scheme", "zero_point")
 
 
@@ -120,7 +122,7 @@ def validate_quantized(report, folder: Path, proto, checkpoint: Path | None) -> 
         return
     model = _against_checkpoint(report, checkpoint, meta, weights, arrays, scheme)
     if model is not None:
-        check_quantized_numerics(report, folder / MODEL_FILE, model, scheme)
+        check_quantized_numerics(report, folder / MODEL_FILE, model, scheme, _text_batches(folder))
 
 
 def _manifest(report, folder: Path) -> dict:
@@ -175,14 +177,35 @@ def _against_checkpoint(report, checkpoint: Path, meta, weights: dict, arrays: d
     return model
 
 
+def _text_batches(folder: Path) -> list[np.ndarray] | None:
+    """TEXT_WINDOWS windows [1, TEXT_WINDOW] of TEXT tokenized by the export's tokenizer; None when the text is not
+    available or mostly unknown to the tokenizer (tiny test vocabularies): then random tokens are used."""
+    try:
+        from transformers import AutoTokenizer
+
+        from ..data import evaluation_windows, load_split_texts
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        windows = evaluation_windows(tokenizer, load_split_texts(TEXT, "evaluation"), TEXT_WINDOW,
+                                     TEXT_WINDOWS * TEXT_WINDOW).numpy()
+    except Exception:  # noqa: BLE001 - any failure falls back to random tokens (noted)
+        return None
+    unk = tokenizer.unk_token_id
+    if windows.shape[0] < TEXT_WINDOWS or (unk is not None and np.mean(windows == unk) > 0.5):
+        return None
+    return [w[None] for w in windows]
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def check_quantized_numerics(report, model_path: Path, model, scheme: str, seed: int = 0) -> None:
-    """Mean KL(PyTorch || ONNX) per position and top-1 agreement on random token batches vs THRESHOLDS[scheme]."""
+def check_quantized_numerics(report, model_path: Path, model, scheme: str, batches: list[np.ndarray] | None = None,
+                             seed: int = 0) -> None:
+    """Mean KL(PyTorch || ONNX) per position and top-1 agreement vs THRESHOLDS[scheme], on token `batches`
+    [b, L] (text windows), else on random token batches CASES."""
     import onnxruntime as ort
     import torch
 
@@ -194,8 +217,9 @@ def check_quantized_numerics(report, model_path: Path, model, scheme: str, seed:
     vocab = model.config.vocab_size
     limit = THRESHOLDS[scheme]
     kl_sum = agree = positions = 0.0
-    for batch, length in CASES:
-        ids = rng.integers(3, vocab, (batch, length)).astype(np.int64)
+    source = f"{len(batches)} windows of {TEXT}" if batches else "random tokens"
+    for ids in batches or [rng.integers(3, vocab, shape).astype(np.int64) for shape in CASES]:
+        batch, length = ids.shape
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         if "position_ids" in inputs:
             feeds["position_ids"] = np.broadcast_to(np.arange(length, dtype=np.int64), ids.shape).copy()
@@ -216,7 +240,8 @@ def check_quantized_numerics(report, model_path: Path, model, scheme: str, seed:
                                 "tolerance": limit["kl"]})
         kl_sum, agree, positions = kl_sum + float(kl.sum()), agree + float(top1.sum()), positions + kl.size
     kl_mean, top1_mean = kl_sum / positions, agree / positions
-    report.notes.append(f"quantized numerics ({scheme}) vs the fp32 checkpoint over {int(positions)} positions: mean "
+    report.notes.append(f"quantized numerics ({scheme}) vs the fp32 checkpoint over {int(positions)} positions "
+                        f"({source}): mean "
                         f"KL {kl_mean:.4g} (limit {limit['kl']}), top-1 agreement {top1_mean:.4f} (limit {limit['top1']})")
     if not all(r["finite"] for r in report.numerics):
         report.fail("numerics", scheme, "non-finite logits")
