@@ -261,8 +261,9 @@ def test_missing_deepsparse_is_a_clear_message_and_onnxruntime_still_runs(export
     assert res.exit_code == 0, res.output
     doc = _check_outputs(out, {"onnxruntime"}, 1, 1)
     assert "python3.11 -m venv .venv-deepsparse" in doc["skipped"]["deepsparse"]
-    res = _bench([str(exports["llama_24"]), "--engine", "deepsparse", "-o", str(out)], env)
+    res = _bench([str(exports["llama_24"]), "--engine", "deepsparse", "-o", str(tmp_path / "b2")], env)
     assert res.exit_code == 2 and "DeepSparse not found" in res.output
+    assert not (tmp_path / "b2").exists()  # a failed bench leaves no output folder
 
 
 def test_bad_inputs_exit_2(exports, tmp_path):
