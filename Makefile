@@ -20,7 +20,7 @@ $(STAMP):
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/sdsonnx run recipes/demo.yaml
+	$(BIN)/sdsonnx run recipes/demo.yaml --force
 
 test: install
 	$(BIN)/python -m pytest -q
