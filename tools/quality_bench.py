@@ -91,7 +91,8 @@ def git_commit() -> str:
 
 
 def run_case(case: str, sdsonnx: str) -> dict:
-    """One benchmark run in a subprocess; returns its record."""
+    """One benchmark run in a subprocess; returns its record, stamped with the commit its code was loaded from."""
+    commit = git_commit()  # before the run: HEAD may move while a long case runs
     with tempfile.TemporaryDirectory() as tmp:
         if case == "dense":
             start = time.perf_counter()
@@ -130,7 +131,7 @@ def run_case(case: str, sdsonnx: str) -> dict:
         "stage_seconds": {k: v for k, v in report["wall_seconds"].items() if k.startswith("stage_")},
         "peak_rss_mib": round(report["peak_rss_bytes"] / 2**20),
         "second_prune_kept": kept_counts(report),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "date": time.strftime("%Y-%m-%d"),
     }
 
