@@ -112,3 +112,10 @@ def pruned_weights(model, report: dict | None) -> dict[str, np.ndarray]:
             raise CheckpointError(f"report.json names modules that are not decoder Linears of the model: {unknown[:5]}")
         linears = {name: linears[name] for name in report["modules"]}
     return {name: mod.weight.detach().float().cpu().numpy() for name, mod in linears.items()}
+
+
+def load_checkpoint(folder: Path) -> tuple[dict | None, object, dict[str, np.ndarray]]:
+    """(report.json or None, fp32 model, {module: pruned W}) of a checkpoint; CheckpointError on a bad report.json."""
+    report, _ = read_checkpoint_extras(folder)
+    model = load_checkpoint_model(folder)
+    return report, model, pruned_weights(model, report)

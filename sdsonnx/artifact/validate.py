@@ -27,8 +27,7 @@ from google.protobuf.message import DecodeError
 
 from ..masks import first_group_violation, pattern_name, requested_nm
 from ..errors import InputError
-from .checkpoint import (CheckpointError, config_differences, load_checkpoint_model, pruned_weights, read_checkpoint_extras,
-                         read_config, weights_digest)
+from .checkpoint import CheckpointError, config_differences, load_checkpoint, read_config, weights_digest
 from .files import DATA_FILE, MANIFEST, MODEL_FILE, VALIDATION_FILE
 from .initializers import OnnxWeight, WeightMappingError, consumers, input_axis, load_initializers, map_weights
 from .metadata import PREFIX, InitializerSparsity, describe_initializer, global_pattern, parse_props, read_props
@@ -387,10 +386,8 @@ def validate_artifact(folder: str | Path, checkpoint: str | Path | None = None, 
     expected = recipe_hash = source_hash = model = None
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
-        ckpt_report, _ = read_checkpoint_extras(checkpoint)
-        model = load_checkpoint_model(checkpoint)
         try:
-            weights = pruned_weights(model, ckpt_report)
+            ckpt_report, model, weights = load_checkpoint(checkpoint)
         except CheckpointError as exc:
             report.fail("mapping", "report.json", str(exc))
             return _finish(report, folder, write)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..masks import first_group_violation, requested_nm
-from .checkpoint import CheckpointError, load_checkpoint_model, pruned_weights, read_checkpoint_extras, weights_digest
+from .checkpoint import CheckpointError, load_checkpoint, weights_digest
 from .files import MANIFEST, MODEL_FILE
 from .initializers import WeightMappingError, consumers, input_axis, load_initializers
 from .metadata import PREFIX, describe_initializer, global_pattern, parse_props, read_props
@@ -144,10 +144,8 @@ def _nm(stored: np.ndarray, axis: int, pattern: object) -> str | None:
 
 def _against_checkpoint(report, checkpoint: Path, meta, weights: dict, arrays: dict, scheme: str):
     """Pruned zeros of the checkpoint at the zero point; fp32 weights equal; returns the model (None on failure)."""
-    ckpt_report, _ = read_checkpoint_extras(checkpoint)
-    model = load_checkpoint_model(checkpoint)
     try:
-        torch_weights = pruned_weights(model, ckpt_report)
+        ckpt_report, model, torch_weights = load_checkpoint(checkpoint)
     except CheckpointError as exc:
         report.fail("mapping", "report.json", str(exc))
         return None
