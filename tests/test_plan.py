@@ -1,0 +1,159 @@
+"""sdsonnx.plan: byte counts against hand sums, streams per recipe, budget, a LLaMA-7B config (no files)."""
+import pytest
+import transformers
+
+from sdsonnx.plan import (BASELINE_BYTES, LOGIT_COPIES, TEXT_BYTES, LinearShape, ModelShape, evaluated_versions,
+                          format_plan, input_groups, measure_gflops, model_shape, parse_bytes, plan_from_shape,
+                          stream_keys)
+from sdsonnx.recipe import Recipe
+
+V, D, F, KV, BLOCKS = 20, 8, 12, 4, 2  # tiny LLaMA: vocab, hidden, ffn, k/v width (GQA: 2 heads, 1 kv head)
+PRUNE = {"kind": "prune", "method": "sparsegpt", "sparsity": 0.5}
+SDS = [PRUNE, {"kind": "redense"}, {"kind": "second_prune"}]
+
+
+def tiny_config(tied: bool = False) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(hidden_size=D, intermediate_size=F, num_hidden_layers=BLOCKS,
+                                    num_attention_heads=2, num_key_value_heads=1, vocab_size=V,
+                                    tie_word_embeddings=tied)
+
+
+def recipe(stages=(PRUNE,), evaluation=None, **extra) -> Recipe:
+    return Recipe.model_validate({"model": "tiny", "dtype": "float16", "activation_dtype": "float32",
+                                  "calibration": {"segments": 3, "length": 5}, "evaluation": evaluation,
+                                  "weight_figure": None, "stages": list(stages), **extra})
+
+
+def hand_block() -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every Linear of one block, written out by hand."""
+    return {"q": (D, D), "k": (KV, D), "v": (KV, D), "o": (D, D), "gate": (F, D), "up": (F, D), "down": (D, F)}
+
+
+def test_model_shape_counts_match_a_hand_sum():
+    shape = model_shape(tiny_config())
+    block = sum(o * i for o, i in hand_block().values()) + 2 * D  # 7 Linears (no bias) + 2 RMSNorms
+    assert shape.block_params == (block, block)
+    assert shape.nonblock_params == V * D + V * D + D  # embedding, untied head, final norm
+    assert (shape.vocab, shape.hidden, shape.blocks) == (V, D, BLOCKS)
+    leaves = [(lin.name.rsplit(".", 1)[1], lin.d_out, lin.d_in) for lin in shape.linears[1]]
+    assert leaves == [(k + ("_proj"), o, i) for k, (o, i) in hand_block().items()]
+    groups = [lin.group for lin in shape.linears[0]]
+    assert groups[0] == groups[1] == groups[2] != groups[3]  # q/k/v share, o_proj alone
+    assert groups[4] == groups[5] != groups[6] and len(set(groups)) == 4
+
+
+def test_tied_head_counts_once():
+    untied, tied = model_shape(tiny_config(False)), model_shape(tiny_config(True))
+    assert untied.nonblock_params - tied.nonblock_params == V * D
+    r = recipe()
+    assert (plan_from_shape(untied, r).memory["non-block weights"]
+            - plan_from_shape(tied, r).memory["non-block weights"]) == V * D * 2
+    assert plan_from_shape(untied, r).disk["checkpoint"] - plan_from_shape(tied, r).disk["checkpoint"] == V * D * 2
+
+
+def test_plan_bytes_on_the_tiny_config_are_the_hand_sums():
+    shape = model_shape(tiny_config())
+    ev = {"source": "wiki-extracts", "window": 4, "max_tokens": 10, "dense": True, "each_step": True}
+    plan = plan_from_shape(shape, recipe(SDS, evaluation=ev), gflops=1.0)
+    lin = hand_block()
+    block = sum(o * i for o, i in lin.values()) + 2 * D
+    targets = sum(o * i for o, i in lin.values())
+    cal = 3 * 5 * D * 4  # segments x length x hidden, float32 activations
+    ev_tokens = 10 // 4 * 4
+    ev_stream = ev_tokens * D * 2  # float16 storage
+    streams = 2 * cal + 4 * ev_stream  # SDS: versions 1 and 3; evaluated: dense, after 1, after 2, final
+    grams = 4 * (D * D + D * D + D * D + F * F)  # q/k/v, o, gate/up, down
+    # worst solver: second_prune's 3 d_in^2 + 10 d_out d_in over the Linears
+    solver = max(4 * (3 * i * i + 10 * o * i) for o, i in lin.values())
+    forward = 4 * 5 * (2 * F + F + 2 * D)  # gate+up outputs, the largest output again, two hidden; length 5 > 4
+    expected = {
+        "baseline (python, torch, transformers)": BASELINE_BYTES,
+        "texts of the data sources": TEXT_BYTES["wiki-extracts"],
+        "non-block weights": (2 * V * D + D) * 2,
+        "block weights (storage + float32)": block * 6,
+        "weight versions (float32)": 4 * targets * 4,
+        "Gram matrices": grams,
+        "solver working copies": solver,
+        "block forward activations": forward,
+        "streams in RAM": streams,
+        "transient output stream": max(cal, ev_stream),
+    }
+    assert plan.memory == expected
+    assert plan.peak_rss_bytes == max(sum(expected.values()), plan.head_phase_bytes)
+    assert plan.head_phase_bytes == (BASELINE_BYTES + TEXT_BYTES["wiki-extracts"] + (2 * V * D + D) * 2
+                                     + 4 * ev_stream + LOGIT_COPIES * 4 * V * 4)
+    params = 2 * block + 2 * V * D + D
+    assert plan.disk == {"checkpoint": params * 2, "spilled streams": 0, "resume state (streams)": streams}
+    assert (plan.calibration_streams, plan.evaluation_streams, plan.evaluation_tokens) == (2, 4, 8)
+
+
+def test_budget_moves_stream_bytes_from_ram_to_disk():
+    shape = model_shape(tiny_config())
+    r = recipe(SDS)
+    free, capped, zero = (plan_from_shape(shape, r, memory_budget=b) for b in (None, 3 * 5 * D * 4, 0))
+    streams = 2 * 3 * 5 * D * 4
+    assert free.memory["streams in RAM"] == streams and free.disk["spilled streams"] == 0
+    assert capped.memory["streams in RAM"] == streams // 2 and capped.disk["spilled streams"] == streams // 2
+    assert zero.memory["streams in RAM"] == 0 and zero.disk["spilled streams"] == streams
+    for plan in (capped, zero):
+        assert free.peak_rss_bytes - plan.peak_rss_bytes == plan.disk["spilled streams"]
+        assert plan.disk_bytes - free.disk_bytes == plan.disk["spilled streams"]
+    with pytest.raises(ValueError):
+        plan_from_shape(shape, r, memory_budget=-1)
+
+
+def test_stream_counts_sparsegpt_vs_sds():
+    plain, sds = recipe(), recipe(SDS)
+    keys, reused = stream_keys(plain)
+    assert {(k.version, k.part) for k in keys} == {(1, 0)} and not reused
+    keys, reused = stream_keys(sds)
+    assert {(k.version, k.part) for k in keys} == {(1, 0), (3, 0)}
+    assert {(k.version, k.part) for k in reused} == {(1, 0)}  # the re-dense pass on SD data is the advance
+    shape = model_shape(tiny_config())
+    assert plan_from_shape(shape, plain).block_passes == 2  # 1 statistics + 1 advance (docs/DESIGN.md)
+    assert plan_from_shape(shape, sds).block_passes == 4  # 3 statistics + 1 advance
+    assert plan_from_shape(shape, sds).calibration_streams == 2
+
+
+def test_evaluated_versions():
+    ev = {"max_tokens": 100, "window": 4}
+    assert evaluated_versions(recipe(SDS, evaluation=ev)) == [0, 1, 2, 3]
+    assert evaluated_versions(recipe(SDS, evaluation={**ev, "each_step": False, "dense": False})) == [3]
+    assert evaluated_versions(recipe(evaluation=ev)) == [0, 1]
+    assert evaluated_versions(recipe()) == []
+
+
+def test_input_groups_of_opt_names():
+    names = ["d.0.self_attn.q_proj", "d.0.self_attn.k_proj", "d.0.self_attn.v_proj", "d.0.self_attn.out_proj",
+             "d.0.fc1", "d.0.fc2"]
+    groups = input_groups(names, [8, 8, 8, 8, 8, 32])
+    assert groups[0] == groups[1] == groups[2] and len(set(groups)) == 4
+
+
+def test_llama_7b_config():
+    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                      num_attention_heads=32, vocab_size=32000)
+    shape = model_shape(config)
+    assert shape.params == pytest.approx(6.74e9, rel=0.01)
+    per_block = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    assert shape.block_params[0] == per_block and shape.nonblock_params == 2 * 32000 * 4096 + 4096
+    r = Recipe.model_validate({"model": "llama", "dtype": "float16", "activation_dtype": "float16",
+                               "calibration": {"segments": 128, "length": 2048}, "evaluation": None,
+                               "stages": [PRUNE]})
+    plan = plan_from_shape(shape, r, gflops=100.0)
+    assert plan.disk["checkpoint"] == 2 * shape.params
+    assert plan.memory["streams in RAM"] == 2 * 2**30  # one 128 x 2048 x 4096 float16 stream: 2 GiB (DESIGN.md)
+    assert plan.memory["Gram matrices"] == 4 * (3 * 4096**2 + 11008**2)
+    text = format_plan(plan)
+    assert "predicted peak RSS" in text and "GiB" in text and "per block" in text
+
+
+def test_parse_bytes():
+    assert parse_bytes("8GiB") == parse_bytes("8G") == 8 * 2**30
+    assert parse_bytes("500MB") == 500_000_000 and parse_bytes(1234) == 1234 and parse_bytes(None) is None
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+
+
+def test_measure_gflops_is_positive():
+    assert measure_gflops(seconds=0.05, size=64) > 0
