@@ -8,6 +8,7 @@ are recorded from the model's own forward, so no per-architecture code computes 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -124,7 +125,7 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, dtype: torch
     last = len(blocks) - 1
     for i, block in enumerate(originals):
         blocks[i] = _Catcher(block, i, record, last)
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     try:
         for row in input_ids:
             try:
@@ -140,6 +141,46 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, dtype: torch
             kw["output_attentions"] = False
     hidden = torch.cat(record["hidden"]).to(dtype)
     return BlockInputs(hidden=hidden, kwargs=kwargs)
+
+
+class _Replay(nn.Module):
+    """Stands in for a block in a head pass: computes nothing; the last block returns the given hidden states."""
+
+    def __init__(self, block: nn.Module, output: torch.Tensor | None, as_tuple: bool) -> None:
+        super().__init__()
+        self.block, self.output, self.as_tuple = block, output, as_tuple
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = hidden if self.output is None else self.output.to(hidden.device, hidden.dtype)
+        return (out,) if self.as_tuple else out
+
+
+@contextmanager
+def replaying(model: nn.Module, as_tuple: bool):
+    """Within the block, the model's decoder blocks compute nothing; yields set_output(hidden [1, L, d]) that sets
+    what the last block returns, so a forward call runs only the model's own code before and after the blocks
+    (embeddings, masks, final norm, LM head) on block outputs computed elsewhere."""
+    _, blocks = find_blocks(model)
+    originals = list(blocks)
+    stand_ins = [_Replay(block, None, as_tuple) for block in originals]
+    for i, stand_in in enumerate(stand_ins):
+        blocks[i] = stand_in
+
+    def set_output(hidden: torch.Tensor) -> None:
+        stand_ins[-1].output = hidden
+
+    try:
+        yield set_output
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
 
 
 def _to(value, device: torch.device, dtype: torch.dtype):

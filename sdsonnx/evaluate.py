@@ -28,3 +28,22 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
         logits = model(input_ids=batch, use_cache=False).logits
         total += window_nll(logits, batch).cpu()
     return math.exp(total.item() / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+@torch.no_grad()
+def head_perplexity(model: torch.nn.Module, windows: torch.Tensor, final_hidden: torch.Tensor, as_tuple: bool,
+                    progress: bool = False) -> float:
+    """perplexity() from the last block's outputs final_hidden [k, L, d] of windows [k, L]: the model's own code
+    after the blocks (final norm, LM head) turns them into logits, one window at a time as perplexity() does."""
+    from .blocks import replaying
+
+    device = model.get_input_embeddings().weight.device
+    total = torch.zeros((), dtype=torch.float64)
+    with replaying(model, as_tuple) as set_output:
+        for ids, hidden in tqdm(zip(windows, final_hidden), total=len(windows), desc="perplexity", disable=not progress,
+                                leave=False):
+            set_output(hidden[None])
+            batch = ids[None].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            total += window_nll(logits, batch).cpu()
+    return math.exp(total.item() / (windows.shape[0] * (windows.shape[1] - 1)))

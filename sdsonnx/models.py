@@ -406,3 +406,56 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, num_blocks: int | 
     model.config.use_cache = False
     model.eval()
     return model, tokenizer
+
+
+def open_streamed(spec: str, dtype: torch.dtype, num_blocks: int | None, work: Path,
+                  trust_remote_code: bool = False, allow_pickle: bool = False):
+    """(skeleton, reader, tokenizer, folder) for a run that streams blocks (sdsonnx/shards.py): the model with its
+    decoder blocks on the meta device, and a reader of the safetensors shards they load from.
+
+    A folder of safetensors whose names fit the model streams as it is; any other source (GGUF file, hub id,
+    pickle weights, other tensor names) is converted once into `work`/.source (holding the model once, as
+    load_model does) and streams from there. Every tensor is checked for NaN/Inf first, one at a time.
+    """
+    from transformers import GenerationConfig
+
+    from .shards import ShardReader, skeleton, streamable
+
+    kind = classify_model_source(spec)
+    check_model_files(spec, allow_pickle, trust_remote_code)
+    remote = trust_remote_code and kind == "hf_dir"
+    folder = resolve_model_dir(spec) if kind in ("builtin", "hf_dir") else None
+    model = reader = None
+    if folder is not None and any(folder.glob("*.safetensors")):
+        reader = ShardReader(folder)
+        config = keep_first_blocks(AutoConfig.from_pretrained(folder, trust_remote_code=remote), num_blocks)
+        model = skeleton(config, dtype, reader, remote)
+        if not streamable(reader, model):
+            log.info("%s: tensor names differ from the model's; converting to shards once", spec)
+            model = None
+    if model is None:
+        folder = convert_to_shards(spec, dtype, num_blocks, work / ".source", trust_remote_code, allow_pickle)
+        reader = ShardReader(folder)
+        config = keep_first_blocks(AutoConfig.from_pretrained(folder, trust_remote_code=remote), num_blocks)
+        model = skeleton(config, dtype, reader, remote)
+    reader.check_finite([n for n, _ in model.named_parameters() if n in reader.where])
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
+    return model, reader, tokenizer, folder
+
+
+def convert_to_shards(spec: str, dtype: torch.dtype, num_blocks: int | None, folder: Path,
+                      trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
+    """Load any model source once and save it as safetensors shards (+ config, tokenizer) in `folder`; reused when
+    a finished conversion is already there (a resumed run)."""
+    done = folder / ".complete"
+    if done.is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    model, tokenizer = load_model(spec, dtype, num_blocks, trust_remote_code, allow_pickle)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="1GB")
+    tokenizer.save_pretrained(folder)
+    del model
+    done.write_text(spec + "\n")
+    return folder

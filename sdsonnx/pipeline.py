@@ -33,8 +33,10 @@ from tqdm.auto import tqdm
 
 from .errors import NumericalError
 from .blocks import BlockInputs, capture_block_inputs, find_blocks, run_block, target_linears
+from .evaluate import head_perplexity
 from .recipe import PruneStage, Recipe, RecipeError
 from .report import ModuleRecord, StageRecord
+from .shards import InMemoryWeights
 from .stages import STAGES, ModuleContext
 from .stats import LayerStats, output_error
 
@@ -54,7 +56,8 @@ class PipelineResult:
 
     modules: dict[str, ModuleRecord] = field(default_factory=dict)  # report.json's per-module records
     stage_seconds: list[float] = field(default_factory=list)
-    snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # version -> {name: W}
+    perplexity: dict[str, float] = field(default_factory=dict)  # report.json's perplexity keys (windows given)
+    eval_seconds: dict[str, float] = field(default_factory=dict)  # eval_dense / eval_steps / eval_pruned
     block_sparsity: list[float] | None = None  # OWL profile, when used
     figure_module: str | None = None  # the module whose every version is kept for the weight figure
     figure_versions: list[torch.Tensor] = field(default_factory=list)  # [dense, after stage 1, ...] on CPU
@@ -136,23 +139,75 @@ def collect_stats_and_output(block: nn.Module, linears: dict[str, nn.Linear], hi
 
 
 def owl_block_sparsity(blocks: nn.ModuleList, targets: dict[int, dict[str, nn.Linear]], inputs: BlockInputs,
-                       stage: PruneStage, device: torch.device) -> list[float]:
+                       stage: PruneStage, device: torch.device, weights: InMemoryWeights) -> list[float]:
     """OWL: per-block sparsity from the share of outlier Wanda scores in the dense model (one extra pass)."""
     from .prune.owl import outlier_ratio, owl_sparsities
 
     hidden, ratios = inputs.hidden, []
     for index, block in enumerate(tqdm(blocks, desc="OWL outlier ratios", leave=False)):
+        weights.load(index, block)
         dtype = next(block.parameters()).dtype
         block.to(device, torch.float32)
         stats, hidden = collect_stats_and_output(block, targets[index], hidden, inputs.kwargs[index])
         scores = [mod.weight.detach().abs() * stats[name].sq_norm.sqrt() for name, mod in targets[index].items()]
         ratios.append(outlier_ratio(scores, stage.owl.threshold_m))
         block.to("cpu", dtype)
+        weights.release(index, block)
     return owl_sparsities(ratios, stage.sparsity, stage.owl.lam)
 
 
-def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, progress: bool = True) -> PipelineResult:
-    """Apply the recipe's stages to `model` in place, block by block; calibration is [parts * n, L] token ids."""
+@dataclass
+class EvalStreams:
+    """Perplexity measured inside the loop: the evaluation windows' hidden states of each measured model version
+    advance through every block next to the calibration streams (no whole model and no weight snapshots needed).
+
+    hidden: {version: [k, L, d] in the model's storage dtype}; kwargs: every block's keyword arguments for
+    windows of this length; tuple_output: whether blocks return a tuple (learned from the first block run).
+    """
+
+    windows: torch.Tensor
+    hidden: dict[int, torch.Tensor]
+    kwargs: list[dict]
+    tuple_output: bool | None = None
+
+    def advance(self, versions, block: nn.Module, index: int) -> None:
+        """Run the windows' hidden states of each of `versions` through `block` (holding that version's weights)."""
+        seen: list[bool] = []
+        handle = block.register_forward_hook(lambda m, args, out: seen.append(isinstance(out, tuple)))
+        try:
+            for version in versions:
+                self.hidden[version] = run_block(block, self.hidden[version], self.kwargs[index])
+        finally:
+            handle.remove()
+        if seen:
+            self.tuple_output = seen[0]
+
+
+def eval_versions(recipe: Recipe) -> list[int]:
+    """The model versions whose perplexity a run reports: dense (0) if asked, every intermediate stage's output if
+    each_step, and the final one."""
+    ev, last = recipe.evaluation, len(recipe.stages)
+    if ev is None:
+        return []
+    return ([0] if ev.dense else []) + (list(range(1, last)) if ev.each_step else []) + [last]
+
+
+def version_name(recipe: Recipe, version: int) -> str:
+    """report.json's perplexity key of a model version: dense, after_<i>_<kind>, pruned."""
+    if version == 0:
+        return "dense"
+    if version == len(recipe.stages):
+        return "pruned"
+    return f"after_{version}_{recipe.stages[version - 1].kind}"
+
+
+def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, progress: bool = True,
+                windows: torch.Tensor | None = None, weights: InMemoryWeights | None = None) -> PipelineResult:
+    """Apply the recipe's stages to `model` block by block; calibration is [parts * n, L] token ids. With
+    `windows` [k, W] the perplexities of eval_versions(recipe) are measured on the way (result.perplexity).
+    `weights` gives each block its weights and takes its final ones (default: the model holds them all and is
+    modified in place; shards.StreamedWeights: read from and written to safetensors shards)."""
+    weights = weights or InMemoryWeights()
     device = resolve_device(recipe.device)
     _, blocks = find_blocks(model)
     targets = target_linears(model, recipe.targets, recipe.ignore)
@@ -162,21 +217,30 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
     result = PipelineResult(stage_seconds=[0.0] * len(recipe.stages),
                             figure_module=figure_module(recipe.weight_figure, targets))
     if first.profile == "owl":
-        result.block_sparsity = owl_block_sparsity(blocks, targets, inputs, first, device)
+        result.block_sparsity = owl_block_sparsity(blocks, targets, inputs, first, device, weights)
         log.info("OWL block sparsity: %s", ", ".join(f"{s:.3f}" for s in result.block_sparsity))
 
     per_part = calibration.shape[0] // recipe.calibration.parts
     keys = {stream_key(recipe, i) for i in range(len(recipe.stages))}
     streams = {k: inputs.hidden[k.part * per_part:(k.part + 1) * per_part] for k in keys}
-    keep_snapshots = recipe.evaluation is not None and recipe.evaluation.each_step and len(recipe.stages) > 1
-    result.snapshots = {v: {} for v in range(1, len(recipe.stages))} if keep_snapshots else {}
+    versions_measured = eval_versions(recipe) if windows is not None else []
+    ev = None
+    if versions_measured:
+        captured = capture_block_inputs(model, windows, model.get_input_embeddings().weight.dtype)
+        ev = EvalStreams(windows, {v: captured.hidden for v in versions_measured}, captured.kwargs)
 
     for index, block in enumerate(tqdm(blocks, desc="Pruning blocks", disable=not progress)):
+        weights.load(index, block)
         linears = targets[index]
         if not linears:
             streams = {k: run_block(block, h, inputs.kwargs[index]) for k, h in streams.items()}
+            if ev is not None:
+                _timed_eval(result, ev, versions_measured, block, index, recipe)
+            weights.finish(index, block)
             continue
         storage_dtype = next(block.parameters()).dtype
+        if ev is not None and 0 in versions_measured:
+            _timed_eval(result, ev, [0], block, index, recipe)
         block.to(device, torch.float32)
         versions, advanced = _run_stages(recipe, index, block, linears, streams, inputs.kwargs[index], result)
         for key in streams:
@@ -187,11 +251,33 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
             streams[key] = run_block(block, streams[key], inputs.kwargs[index])
         for key, hidden in streams.items():
             check_finite_activations(hidden, index, key, recipe.activation_dtype)
-        _set_weights(linears, versions[-1])
-        for version, snapshot in result.snapshots.items():
-            snapshot.update({n: w.to("cpu", storage_dtype) for n, w in versions[version].items()})
         block.to("cpu", storage_dtype)
+        for version in (v for v in versions_measured if v > 0):
+            _set_weights(linears, versions[version])
+            _timed_eval(result, ev, [version], block, index, recipe)
+        _set_weights(linears, versions[-1])
+        weights.finish(index, block)
+    if ev is not None:
+        for version in versions_measured:
+            start = time.perf_counter()
+            result.perplexity[version_name(recipe, version)] = head_perplexity(model, ev.windows, ev.hidden[version],
+                                                                               ev.tuple_output)
+            _add_eval_seconds(result, recipe, version, time.perf_counter() - start)
     return result
+
+
+def _timed_eval(result: PipelineResult, ev: EvalStreams, versions: list[int], block: nn.Module, index: int,
+                recipe: Recipe) -> None:
+    """ev.advance, its time added to result.eval_seconds per kind of version (dense, steps, pruned)."""
+    for version in versions:
+        start = time.perf_counter()
+        ev.advance([version], block, index)
+        _add_eval_seconds(result, recipe, version, time.perf_counter() - start)
+
+
+def _add_eval_seconds(result: PipelineResult, recipe: Recipe, version: int, seconds: float) -> None:
+    kind = "eval_dense" if version == 0 else "eval_pruned" if version == len(recipe.stages) else "eval_steps"
+    result.eval_seconds[kind] = result.eval_seconds.get(kind, 0.0) + seconds
 
 
 def check_finite_weight(weight: torch.Tensor, block: int, name: str, stage: int, kind: str) -> None:

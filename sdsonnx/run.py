@@ -5,6 +5,7 @@ import json
 import logging
 import platform
 import resource
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,12 +15,13 @@ import torch
 from . import __version__
 from .data import (DataSourceError, Texts, TextUse, calibration_data, evaluation_data, load_texts, overlap_documents,
                    section_part)
-from .evaluate import perplexity
-from .models import load_model
+from .blocks import find_blocks
+from .models import open_streamed
 from .outputs import atomic_output
 from .pipeline import DTYPES, PipelineResult, prune_model
 from .preflight import check_recipe
 from .recipe import Recipe
+from .shards import ShardWriter, StreamedWeights
 from .report import (CalibrationRecord, DataRecord, DataUseRecord, EvaluationRecord, ExportRecord, FigureRecord,
                      HostRecord, RunReport, ValidationRecord, write_report)
 
@@ -80,27 +82,6 @@ def _use_record(use: TextUse) -> DataUseRecord:
     return DataUseRecord(use.source, use.part, use.available, use.documents, use.tokens)
 
 
-def _swap_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Put `weights` into the named Linears; return what was there."""
-    previous = {}
-    with torch.no_grad():
-        for name, w in weights.items():
-            param = model.get_submodule(name).weight
-            previous[name] = param.detach().clone()
-            param.copy_(w)
-    return previous
-
-
-def step_perplexities(model, windows, recipe: Recipe, result: PipelineResult, progress: bool = True) -> dict[str, float]:
-    """Perplexity of the model after each intermediate stage (paper Table 3), the final one excluded."""
-    steps = {}
-    for version, weights in sorted(result.snapshots.items()):
-        final = _swap_weights(model, weights)
-        steps[f"after_{version}_{recipe.stages[version - 1].kind}"] = perplexity(model, windows, progress=progress)
-        _swap_weights(model, final)
-    return steps
-
-
 @contextmanager
 def timed(wall: dict[str, float], key: str):
     """Add the wall-clock seconds the with-block takes to wall[key]."""
@@ -126,32 +107,30 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
 
 def _run_into(recipe: Recipe, work: Path, output: Path, progress: bool, texts: dict[str, Texts],
               recipe_path: str, tokens: tuple | None, wall: dict[str, float]) -> dict:
-    """run_recipe's body: load, prune, evaluate and write everything into `work` (to become `output`)."""
+    """run_recipe's body: open the model as a skeleton whose blocks stream from its shards, prune (measuring the
+    perplexities on the way) and write everything into `work` (to become `output`)."""
+    dtype = DTYPES[recipe.dtype]
     with timed(wall, "load"):
-        model, tokenizer = load_model(recipe.model, DTYPES[recipe.dtype], recipe.num_blocks,
-                                      trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle)
+        model, reader, tokenizer, _ = open_streamed(recipe.model, dtype, recipe.num_blocks, work,
+                                                    recipe.trust_remote_code, recipe.allow_pickle)
         calibration, windows, data = tokens or recipe_tokens(recipe, tokenizer, texts, recipe_path)
 
-    ppl: dict[str, float] = {}
-    if windows is not None and recipe.evaluation.dense:
-        with timed(wall, "eval_dense"):
-            ppl["dense"] = perplexity(model, windows, progress=progress)
-        log.info("dense perplexity %.3f", ppl["dense"])
-
+    _, blocks = find_blocks(model)
+    weights = StreamedWeights(model, reader, ShardWriter(work, len(blocks) + 1), dtype)
     with timed(wall, "prune"):
-        result = prune_model(model, recipe, calibration, progress=progress)
+        result = prune_model(model, recipe, calibration, progress=progress, windows=windows, weights=weights)
+        weights.finish_model()
+    wall["prune"] -= sum(result.eval_seconds.values())  # evaluation inside the loop is reported apart
     for stage, seconds in zip(recipe.stages, result.stage_seconds):
         wall[f"stage_{stage.kind}"] = wall.get(f"stage_{stage.kind}", 0.0) + seconds
+    wall.update(result.eval_seconds)
+    ppl = result.perplexity
+    for key, value in ppl.items():
+        log.info("%s perplexity %.3f", key, value)
 
-    if windows is not None:
-        if result.snapshots:  # optional reporting (evaluation.each_step), timed apart from the final evaluation
-            with timed(wall, "eval_steps"):
-                ppl.update(step_perplexities(model, windows, recipe, result, progress))
-        with timed(wall, "eval_pruned"):
-            ppl["pruned"] = perplexity(model, windows, progress=progress)
-        log.info("pruned perplexity %.3f", ppl["pruned"])
-
-    model.save_pretrained(work, safe_serialization=True)
+    shutil.rmtree(work / ".source", ignore_errors=True)  # a converted source (sdsonnx/models.py open_streamed)
+    model.config.save_pretrained(work)
+    model.generation_config.save_pretrained(work)
     tokenizer.save_pretrained(work)
     (work / "recipe.resolved.yaml").write_text(recipe.to_yaml())
     report = build_report(recipe, result, ppl, wall, windows, calibration)

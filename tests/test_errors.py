@@ -91,7 +91,7 @@ def test_device_cuda_without_cuda_fails_in_preflight_before_weights_load(tmp_pat
     from sdsonnx.recipe import RecipeError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(sdsonnx.run, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(sdsonnx.run, "open_streamed", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(RecipeError, match=r"^r\.yaml: device: cuda was asked for but no CUDA device"):
         check_recipe(parse_recipe({"model": "smollm2-135m", "device": "cuda", "stages": [PRUNE]}), "r.yaml")
     path = write_recipe(tmp_path, device="cuda")

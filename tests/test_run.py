@@ -37,7 +37,7 @@ def no_weights(*args, **kwargs):
 def test_bad_recipe_exits_2_naming_file_and_field_before_loading_weights(tmp_path, monkeypatch, fields, message):
     import sdsonnx.run
 
-    monkeypatch.setattr(sdsonnx.run, "load_model", no_weights)
+    monkeypatch.setattr(sdsonnx.run, "open_streamed", no_weights)
     recipe = {"model": "smollm2-135m", "num_blocks": 2,
               "stages": [{"kind": "prune", "method": "wanda", "sparsity": 0.5}], **fields}
     path = write_recipe(tmp_path, **recipe)
