@@ -8,7 +8,8 @@ What a streaming run holds at its peak (all terms in bytes, `RunPlan.memory`):
 - baseline: python + torch + transformers + sdsonnx imported, BASELINE_BYTES (measured once: peak RSS of
   `python -c "import torch, transformers, sdsonnx.pipeline, sdsonnx.run, sdsonnx.cli; from transformers import
   LlamaForCausalLM"`, torch 2.13 CPU, transformers 4.57.6, Linux x86-64: 352,756 KiB), plus the texts the data
-  sources keep (TEXT_BYTES: wiki-extracts measured, both parts, 50 MB; hub sources estimated);
+  sources keep (TEXT_BYTES: wiki-extracts measured, both parts, 50 MB; hub sources estimated) and the heap left
+  by tokenising the whole evaluation part (TOKENIZE_BYTES_PER_TOKEN, measured);
 - non-block weights in storage dtype: embedding V d, LM head V d unless tied, final norm (and whatever else lies
   outside the decoder blocks);
 - one decoder block: its parameters in storage dtype and again in float32, plus (stages + 1) float32 versions
@@ -57,6 +58,10 @@ TEXT_BYTES = {"wiki-extracts": 50_600_000, "c4": 900_000_000, "wikitext2": 30_00
 # (SparseGPT's 166 x 2048 windows); c4: the first 1100 validation documents at ~480 tokens each.
 EVAL_TOKENS = {"wiki-extracts": 120_000, "wikitext2": 341_469, "c4": 530_000}
 LOCAL_BYTES_PER_TOKEN = 4  # a local evaluation file: its size / 4 tokens
+# Peak heap growth of tokenising an evaluation part with offsets (Python lists of ids and offset pairs, freed but not
+# returned to the system), per token: measured 360 B/token on wiki-extracts' evaluation part with BPE tokenizers of
+# 512 and 32000 ids (+86 MiB for ~240k tokens, +40 MiB for ~110k).
+TOKENIZE_BYTES_PER_TOKEN = 360
 LOGIT_COPIES = 2  # float32 logits [window, V] and cross_entropy's log-softmax of them
 # Linears whose input is another sibling's output (never sharing an input with siblings of the same width)
 OUTPUT_LEAVES = {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "dense_4h_to_h", "w2", "wo"}
@@ -194,11 +199,22 @@ def evaluation_tokens(recipe: Recipe) -> int:
         return 0
     if ev.max_tokens is not None:
         return ev.max_tokens // ev.window * ev.window
-    available = EVAL_TOKENS.get(ev.source)
-    if available is None:
-        path = Path(ev.source).expanduser()
-        available = path.stat().st_size // LOCAL_BYTES_PER_TOKEN if path.is_file() else EVAL_TOKENS["wiki-extracts"]
+    available = part_tokens(ev.source)
     return available // ev.window * ev.window
+
+
+def part_tokens(source: str) -> int:
+    """Tokens of a source's whole evaluation part: EVAL_TOKENS, or a local file's size / LOCAL_BYTES_PER_TOKEN."""
+    if source in EVAL_TOKENS:
+        return EVAL_TOKENS[source]
+    path = Path(source).expanduser()
+    return path.stat().st_size // LOCAL_BYTES_PER_TOKEN if path.is_file() else EVAL_TOKENS["wiki-extracts"]
+
+
+def tokenize_bytes(recipe: Recipe) -> int:
+    """Heap left by tokenising the whole evaluation part at once (ids and offsets as Python lists):
+    TOKENIZE_BYTES_PER_TOKEN per token of the part, whatever max_tokens keeps."""
+    return 0 if recipe.evaluation is None else TOKENIZE_BYTES_PER_TOKEN * part_tokens(recipe.evaluation.source)
 
 
 def text_bytes(recipe: Recipe) -> int:
@@ -294,6 +310,7 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
     memory = {
         "baseline (python, torch, transformers)": BASELINE_BYTES,
         "texts of the data sources": text_bytes(recipe),
+        "tokenising the evaluation part": tokenize_bytes(recipe),
         "non-block weights": shape.nonblock_params * storage,
         "block weights (storage + float32)": shape.block_params[biggest] * (storage + F32),
         "weight versions (float32)": (len(recipe.stages) + 1) * target_params * F32,
@@ -303,7 +320,8 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
         "streams in RAM": in_ram,
         "transient output stream": max(cal_stream, ev_stream if versions else 0),
     }
-    head_phase = (BASELINE_BYTES + memory["texts of the data sources"] + memory["non-block weights"]
+    head_phase = (BASELINE_BYTES + memory["texts of the data sources"] + memory["tokenising the evaluation part"]
+                  + memory["non-block weights"]
                   + min(len(versions) * ev_stream, in_ram)
                   + (LOGIT_COPIES * ev.window * vocab * F32 if versions else 0))
     disk = {"checkpoint": shape.params * storage, "spilled streams": streams - in_ram,

@@ -2,9 +2,9 @@
 import pytest
 import transformers
 
-from sdsonnx.plan import (BASELINE_BYTES, LOGIT_COPIES, TEXT_BYTES, LinearShape, ModelShape, evaluated_versions,
-                          format_plan, input_groups, measure_gflops, model_shape, parse_bytes, plan_from_shape,
-                          stream_keys)
+from sdsonnx.plan import (BASELINE_BYTES, EVAL_TOKENS, LOGIT_COPIES, TEXT_BYTES, TOKENIZE_BYTES_PER_TOKEN,
+                          evaluated_versions, format_plan, input_groups, measure_gflops, model_shape, parse_bytes,
+                          plan_from_shape, stream_keys)
 from sdsonnx.recipe import Recipe
 
 V, D, F, KV, BLOCKS = 20, 8, 12, 4, 2  # tiny LLaMA: vocab, hidden, ffn, k/v width (GQA: 2 heads, 1 kv head)
@@ -69,6 +69,7 @@ def test_plan_bytes_on_the_tiny_config_are_the_hand_sums():
     expected = {
         "baseline (python, torch, transformers)": BASELINE_BYTES,
         "texts of the data sources": TEXT_BYTES["wiki-extracts"],
+        "tokenising the evaluation part": TOKENIZE_BYTES_PER_TOKEN * EVAL_TOKENS["wiki-extracts"],
         "non-block weights": (2 * V * D + D) * 2,
         "block weights (storage + float32)": block * 6,
         "weight versions (float32)": 4 * targets * 4,
@@ -81,6 +82,7 @@ def test_plan_bytes_on_the_tiny_config_are_the_hand_sums():
     assert plan.memory == expected
     assert plan.peak_rss_bytes == max(sum(expected.values()), plan.head_phase_bytes)
     assert plan.head_phase_bytes == (BASELINE_BYTES + TEXT_BYTES["wiki-extracts"] + (2 * V * D + D) * 2
+                                     + TOKENIZE_BYTES_PER_TOKEN * EVAL_TOKENS["wiki-extracts"]
                                      + 4 * ev_stream + LOGIT_COPIES * 4 * V * 4)
     params = 2 * block + 2 * V * D + D
     assert plan.disk == {"checkpoint": params * 2, "spilled streams": 0, "resume state (streams)": streams}
