@@ -4,29 +4,30 @@ No weight is loaded: the model's shape comes from its config (a skeleton built o
 recipe gives stages, calibration and evaluation sizes. The arithmetic (`plan_from_shape`) is a function of
 plain numbers (`ModelShape`) and the recipe, so it is testable without files.
 
-What a streaming run holds at its peak (all terms in bytes, `RunPlan.memory`):
+What a streaming run (sdsonnx/shards.py, pipeline.prune_model) holds at its peak (bytes, `RunPlan.memory`):
 - baseline: python + torch + transformers + sdsonnx imported, BASELINE_BYTES (measured once: peak RSS of
   `python -c "import torch, transformers, sdsonnx.pipeline, sdsonnx.run, sdsonnx.cli; from transformers import
   LlamaForCausalLM"`, torch 2.13 CPU, transformers 4.57.6, Linux x86-64: 352,756 KiB), plus the texts the data
   sources keep (TEXT_BYTES: wiki-extracts measured, both parts, 50 MB; hub sources estimated) and the heap left
   by tokenising the whole evaluation part (TOKENIZE_BYTES_PER_TOKEN, measured);
+- the source checkpoint's pages mapped by the shard reader (`mapped_bytes`; default every kept tensor: the
+  reader keeps each shard's memory map open and the NaN/Inf check reads every tensor, and resident file pages of
+  a mapping count in RSS);
 - non-block weights in storage dtype: embedding V d, LM head V d unless tied, final norm (and whatever else lies
   outside the decoder blocks);
-- one decoder block: its parameters in storage dtype and again in float32, plus (stages + 1) float32 versions
-  of its target weights (dense, after each stage);
-- statistics: one float32 Gram d_in x d_in per distinct Linear input (q/k/v share one, gate/up share one), plus
-  the stage solvers' working copies of the largest module (SOLVER_WORK: d_in^2 and d_out x d_in float32 copies
-  per stage kind, counted from reading the solvers' code, not measured);
-- block forward activations of one segment in float32 (`forward_bytes`: the largest input group's outputs, the
-  largest output again and two hidden-size tensors per token; no L x L attention matrix, as SDPA's flash kernel
-  on CPU/GPU keeps none);
+- one decoder block in float32 (its storage-dtype copy lives only while it loads), plus (stages + 1) float32
+  versions of its target weights (dense, after each stage);
+- statistics: one float32 Gram d_in x d_in per distinct Linear input (q/k/v share one, gate/up share one);
 - calibration streams [segments, length, d] in activation_dtype, one per distinct (version, part) some stage
-  reads (`pipeline.stream_key`), plus one transient output stream while a stream advances;
+  reads (`pipeline.stream_key`), plus the stream a statistics pass already advanced (held to the block's end);
 - evaluation streams [k, window, d] in storage dtype, one per evaluated version (dense when evaluation.dense,
   each intermediate version when each_step and > 1 stage, the final one);
+- the larger of (a) the solver working copies of the most demanding (stage, Linear) (SOLVER_WORK, measured) and
+  (b) a block pass: float32 activations of one segment (`forward_bytes`) plus TRANSIENT_STREAMS copies of the
+  stream being produced (run_block keeps every segment's output, then concatenates them);
 - the LM head phase (after the last block): evaluation streams, non-block weights and LOGIT_COPIES float32
   [window, V] logits; the peak is the larger of the block phase and this phase.
-A memory budget moves the streams (calibration + evaluation, not the transient) beyond it from RAM to disk.
+A memory budget moves the streams (calibration + evaluation, not the transients) beyond it from RAM to disk.
 Disk: the output checkpoint (all weights in storage dtype), spilled streams, the resume state (streams once more).
 
 Time per block: FLOPs of the block passes (2 params per token and 2 L d for attention, one statistics pass per
@@ -65,8 +66,13 @@ TOKENIZE_BYTES_PER_TOKEN = 360
 LOGIT_COPIES = 2  # float32 logits [window, V] and cross_entropy's log-softmax of them
 # Linears whose input is another sibling's output (never sharing an input with siblings of the same width)
 OUTPUT_LEAVES = {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "dense_4h_to_h", "w2", "wo"}
-# Working copies a stage's solver allocates for one Linear, float32: (d_in x d_in copies, d_out x d_in copies)
-SOLVER_WORK = {"sparsegpt": (3, 2), "wanda": (1, 2), "magnitude": (0, 2), "redense": (3, 6), "second_prune": (3, 10)}
+# Peak working memory of one stage call on a Linear [d_out, d_in] plus its error record (output_error), in float32
+# copies of (H: d_in x d_in, W: d_out x d_in); measured (peak RSS growth of STAGES[kind] + output_error, shapes
+# 512 x 4096 and 8192 x 1024, fitted): sparsegpt 7.49 H + 3.95 W, wanda 1.20 H + 3.94 W, redense (gram) 1.40 H +
+# 9.30 W, second_prune (sparsegpt, adjust) 7.31 H + 13.38 W; magnitude taken as wanda.
+SOLVER_WORK = {"sparsegpt": (7.5, 4.0), "wanda": (1.25, 4.0), "magnitude": (1.25, 4.0), "redense": (1.5, 9.5),
+               "second_prune": (7.5, 13.5)}
+TRANSIENT_STREAMS = 2  # run_block: the list of per-segment outputs and their concatenation
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 F32 = 4
 
@@ -250,14 +256,14 @@ def gram_bytes(linears: tuple[LinearShape, ...]) -> int:
 
 
 def solver_bytes(recipe: Recipe, linears: tuple[LinearShape, ...]) -> int:
-    """Working copies of the most demanding (stage, Linear): SOLVER_WORK float32 d_in^2 and d_out x d_in copies."""
+    """Working memory of the most demanding (stage, Linear): SOLVER_WORK float32 copies of H and W."""
     kinds = [s.method if s.kind == "prune" else s.kind for s in recipe.stages]
-    worst = 0
+    worst = 0.0
     for kind in kinds:
         squares, weights = SOLVER_WORK[kind]
         for lin in linears:
             worst = max(worst, F32 * (squares * lin.d_in ** 2 + weights * lin.d_out * lin.d_in))
-    return worst
+    return int(worst)
 
 
 def prune_flops(method: str, d_out: int, d_in: int, blocksize: int = 128) -> float:
@@ -285,9 +291,11 @@ def stage_flops(recipe: Recipe, index: int, d_out: int, d_in: int) -> float:
 
 
 def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None = None,
-                    eval_tokens: int | None = None, gflops: float = 50.0, model: str | None = None) -> RunPlan:
+                    eval_tokens: int | None = None, gflops: float = 50.0, model: str | None = None,
+                    mapped_bytes: int | None = None) -> RunPlan:
     """RunPlan of `recipe` on a model of `shape` (already cut to recipe.num_blocks), with a machine rate of
-    `gflops` GFLOP/s; eval_tokens overrides the evaluation token count (k * window) when known."""
+    `gflops` GFLOP/s; eval_tokens overrides the evaluation token count (k * window) when known; mapped_bytes: the
+    source checkpoint's bytes the shard reader keeps mapped (default: every kept tensor in storage dtype)."""
     if gflops <= 0:
         raise ValueError(f"gflops must be > 0, got {gflops}")
     if memory_budget is not None and memory_budget < 0:
@@ -299,7 +307,7 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
     versions = evaluated_versions(recipe)
     tokens_ev = evaluation_tokens(recipe) if eval_tokens is None else eval_tokens
     cal_stream = cal.segments * cal.length * d * act
-    ev_stream = tokens_ev * d * storage
+    ev_stream = tokens_ev * d * storage if versions else 0
     streams = len(keys) * cal_stream + len(versions) * ev_stream
     in_ram = streams if memory_budget is None else min(streams, memory_budget)
     seq = max(cal.length, ev.window if ev is not None else 0)
@@ -307,21 +315,22 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
     biggest = max(range(shape.blocks), key=lambda i: (shape.block_params[i], gram_bytes(shape.linears[i])))
     lins = shape.linears[biggest]
     target_params = sum(lin.d_out * lin.d_in for lin in lins)
+    block_pass = forward_bytes(lins, d, seq) + TRANSIENT_STREAMS * max(cal_stream, ev_stream)
     memory = {
         "baseline (python, torch, transformers)": BASELINE_BYTES,
         "texts of the data sources": text_bytes(recipe),
         "tokenising the evaluation part": tokenize_bytes(recipe),
+        "source checkpoint pages mapped": shape.params * storage if mapped_bytes is None else mapped_bytes,
         "non-block weights": shape.nonblock_params * storage,
-        "block weights (storage + float32)": shape.block_params[biggest] * (storage + F32),
+        "block weights (float32)": shape.block_params[biggest] * F32,
         "weight versions (float32)": (len(recipe.stages) + 1) * target_params * F32,
         "Gram matrices": gram_bytes(lins),
-        "solver working copies": solver_bytes(recipe, lins),
-        "block forward activations": forward_bytes(lins, d, seq),
         "streams in RAM": in_ram,
-        "transient output stream": max(cal_stream, ev_stream if versions else 0),
+        "stream advanced by a statistics pass": len(reused) * cal_stream,
+        "solver work or block pass output (larger)": max(solver_bytes(recipe, lins), block_pass),
     }
     head_phase = (BASELINE_BYTES + memory["texts of the data sources"] + memory["tokenising the evaluation part"]
-                  + memory["non-block weights"]
+                  + memory["source checkpoint pages mapped"] + memory["non-block weights"]
                   + min(len(versions) * ev_stream, in_ram)
                   + (LOGIT_COPIES * ev.window * vocab * F32 if versions else 0))
     disk = {"checkpoint": shape.params * storage, "spilled streams": streams - in_ram,
@@ -403,15 +412,15 @@ def format_plan(plan: RunPlan) -> str:
              f"streams: {plan.calibration_streams} calibration, {plan.evaluation_streams} evaluation "
              f"({plan.evaluation_tokens:,} tokens); {plan.block_passes} calibration block passes per block",
              "", "Memory at the peak (block phase)"]
-    lines += [f"  {name:<40}{_gib(value)}" for name, value in plan.memory.items()]
-    lines += [f"  {'block phase total':<40}{_gib(sum(plan.memory.values()))}",
-              f"  {'LM head phase total':<40}{_gib(plan.head_phase_bytes)}",
-              f"  {'predicted peak RSS':<40}{_gib(plan.peak_rss_bytes)}", "", "Disk"]
-    lines += [f"  {name:<40}{_gib(value)}" for name, value in plan.disk.items()]
-    lines += [f"  {'total':<40}{_gib(plan.disk_bytes)}", "",
+    lines += [f"  {name:<44}{_gib(value)}" for name, value in plan.memory.items()]
+    lines += [f"  {'block phase total':<44}{_gib(sum(plan.memory.values()))}",
+              f"  {'LM head phase total':<44}{_gib(plan.head_phase_bytes)}",
+              f"  {'predicted peak RSS':<44}{_gib(plan.peak_rss_bytes)}", "", "Disk"]
+    lines += [f"  {name:<44}{_gib(value)}" for name, value in plan.disk.items()]
+    lines += [f"  {'total':<44}{_gib(plan.disk_bytes)}", "",
               f"Time ({plan.gflops:.1f} GFLOP/s)"]
-    lines += [f"  {name:<40}{value / 1e9:8.1f} GFLOP/block" for name, value in plan.flops_per_block.items()]
-    lines += [f"  {'per block':<40}{_duration(plan.seconds_per_block):>12}",
-              f"  {'whole run':<40}{_duration(plan.total_seconds):>12}", ""]
+    lines += [f"  {name:<44}{value / 1e9:8.1f} GFLOP/block" for name, value in plan.flops_per_block.items()]
+    lines += [f"  {'per block':<44}{_duration(plan.seconds_per_block):>12}",
+              f"  {'whole run':<44}{_duration(plan.total_seconds):>12}", ""]
     lines += [f"assumption: {a}" for a in plan.assumptions]
     return "\n".join(lines)

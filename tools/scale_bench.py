@@ -134,10 +134,11 @@ def write_tokenizer(folder: str | Path, vocab: int, documents: int | None = None
 
 
 def bench_recipe(folder: str | Path, method: str, num_blocks: int | None, segments: int = 16, length: int = 512,
-                 window: int = 512, eval_tokens: int = 2048, memory_budget: str | None = None) -> dict:
-    """The recipe dict of one case: the method's stages from its LLaMA-7B recipe, reduced calibration, the final
-    model's perplexity on eval_tokens // window windows, no figure and no export."""
-    stages = yaml.safe_load(METHODS[method].read_text())["stages"]
+                 window: int = 512, eval_tokens: int = 2048, memory_budget: str | None = None,
+                 stages: list[dict] | None = None) -> dict:
+    """The recipe dict of one case: the method's stages from its LLaMA-7B recipe (or `stages`), reduced
+    calibration, the final model's perplexity on eval_tokens // window windows, no figure and no export."""
+    stages = stages or yaml.safe_load(METHODS[method].read_text())["stages"]
     recipe = {"model": str(Path(folder).resolve()), "dtype": "float16", "activation_dtype": "float16", "device": "cpu",
               "calibration": {"source": "wiki-extracts", "segments": segments, "length": length, "seed": 0},
               "evaluation": {"source": "wiki-extracts", "window": window, "max_tokens": eval_tokens, "dense": False,
