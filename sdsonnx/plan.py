@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -386,7 +387,8 @@ def plan_run(recipe: Recipe, memory_budget: int | str | None = None, eval_tokens
 
     config = model_config(recipe.model, recipe.trust_remote_code)
     if config is None:
-        raise ValueError(f"{recipe.model}: its config cannot be read (a hub id without network?)")
+        raise InputError(f"{recipe.model}: its config cannot be read (a hub id without network?); the plan needs "
+                         "the model's config.json")
     config = keep_first_blocks(config, recipe.num_blocks)
     if memory_budget is None:
         memory_budget = getattr(recipe, "memory_budget", None)

@@ -4,7 +4,7 @@ import transformers
 
 from sdsonnx.plan import (BASELINE_BYTES, EVAL_TOKENS, LOGIT_COPIES, TEXT_BYTES, TOKENIZE_BYTES_PER_TOKEN,
                           evaluated_versions, format_plan, input_groups, measure_gflops, model_shape, parse_bytes,
-                          plan_from_shape, stream_keys)
+                          plan_from_shape, plan_run, stream_keys)
 from sdsonnx.recipe import Recipe
 
 V, D, F, KV, BLOCKS = 20, 8, 12, 4, 2  # tiny LLaMA: vocab, hidden, ffn, k/v width (GQA: 2 heads, 1 kv head)
@@ -148,6 +148,16 @@ def test_llama_7b_config():
     assert plan.memory["Gram matrices"] == 4 * (3 * 4096**2 + 11008**2)
     text = format_plan(plan)
     assert "predicted peak RSS" in text and "GiB" in text and "per block" in text
+
+
+def test_plan_run_reads_a_config_folder(tmp_path):
+    tiny_config().save_pretrained(tmp_path)  # config.json only: no weights are read
+    r = Recipe.model_validate({"model": str(tmp_path), "num_blocks": 1, "evaluation": None,
+                               "calibration": {"segments": 2, "length": 8}, "stages": [PRUNE]})
+    plan = plan_run(r, memory_budget="0GiB", gflops=1.0)
+    block = sum(o * i for o, i in hand_block().values()) + 2 * D
+    assert plan.blocks == 1 and plan.params == block + 2 * V * D + D  # cut to num_blocks
+    assert plan.memory["streams in RAM"] == 0 and plan.disk["spilled streams"] == 2 * 8 * D * 4
 
 
 def test_parse_bytes():

@@ -12,7 +12,12 @@ docs/benchmarks/scale.json. `table(records)` is the markdown table for docs/BENC
 
   .venv/bin/python tools/scale_bench.py write /tmp/llama7b-shape                  # 13.5 GB on disk, ~1-3 min
   .venv/bin/python tools/scale_bench.py run /tmp/llama7b-shape --blocks 2         # first 2 blocks, both methods
+  .venv/bin/python tools/scale_bench.py run /tmp/llama7b-shape --blocks 2 --segments 128 --length 2048
   .venv/bin/python tools/scale_bench.py write /tmp/tiny --scale tiny              # hidden 64, 2 blocks, vocab 512
+
+The record's seconds_per_block is (prune + evaluation seconds) / blocks run (report.json's wall_seconds; the
+streamed loop loads and writes each block inside `prune`); projected_seconds adds the rest of the process time
+once. peak_rss_bytes is the process's (GNU time), report_peak_rss_bytes the run's own figure.
 """
 from __future__ import annotations
 
