@@ -19,7 +19,8 @@ What a streaming run (sdsonnx/shards.py, pipeline.prune_model) holds at its peak
   versions of its target weights (dense, after each stage);
 - statistics: one float32 Gram d_in x d_in per distinct Linear input (q/k/v share one, gate/up share one);
 - calibration streams [segments, length, d] in activation_dtype, one per distinct (version, part) some stage
-  reads (`pipeline.stream_key`), plus the stream a statistics pass already advanced (held to the block's end);
+  reads (`pipeline.stream_key`), plus the stream a statistics pass already advanced (held to the block's end),
+  plus the captured block-0 inputs prune_model keeps referenced (HOLDS_CAPTURED_INPUTS);
 - evaluation streams [k, window, d] in storage dtype, one per evaluated version (dense when evaluation.dense,
   each intermediate version when each_step and > 1 stage, the final one);
 - the larger of (a) the solver working copies of the most demanding (stage, Linear) (SOLVER_WORK, measured) and
@@ -32,9 +33,9 @@ Disk: the output checkpoint (all weights in storage dtype), spilled streams, the
 
 Time per block: FLOPs of the block passes (2 params per token and 2 L d for attention, one statistics pass per
 stage with its Gram updates 2 d_in^2 per token, plus the stream advances not reused from a statistics pass, plus
-every evaluated version's pass), of the solvers per Linear (`stage_flops`) and of the per-module error records,
-divided by a measured float32 matmul rate (`measure_gflops`). The solvers' loops are slower than a matmul, so
-the time is a lower estimate; the memory is what the plan is for.
+every evaluated version's pass), of the solvers per Linear (`stage_cost`) and of the per-module error records,
+divided by a measured float32 matmul rate (`measure_gflops`), plus the solvers' work that runs below that rate
+(SPARSEGPT_LOOP, REDENSE_COST, ADJUST_COST: fitted seconds on this project's host, not rescaled to another).
 """
 from __future__ import annotations
 
@@ -74,6 +75,16 @@ OUTPUT_LEAVES = {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "d
 SOLVER_WORK = {"sparsegpt": (7.5, 4.0), "wanda": (1.25, 4.0), "magnitude": (1.25, 4.0), "redense": (1.5, 9.5),
                "second_prune": (7.5, 13.5)}
 TRANSIENT_STREAMS = 2  # run_block: the list of per-segment outputs and their concatenation
+# pipeline.prune_model keeps `inputs` (the captured block-0 calibration hidden states, all parts) and `captured`
+# (the evaluation windows') referenced for its whole loop: one more stream of each. False once it drops them.
+HOLDS_CAPTURED_INPUTS = True
+# Solver time beyond its FLOPs, fitted on this project's 2-core x86 host (torch 2.13, 1 thread, matmul ~105 GFLOP/s;
+# 7 SparseGPT shapes d_in 512-6144 fitted within 10%, redense/adjust on 4 shapes within 3%):
+SPARSEGPT_LOOP = (1.26e-4, 1.06e-7)  # seconds per column, and per column and row, of SparseGPT's column loop
+# (W @ H products per iteration, seconds per weight per iteration, fixed products, fixed seconds per d_in^2)
+REDENSE_COST = (1.03, 8.8e-9, 6.0, 1.4e-8)
+ADJUST_COST = (1.09, 2.0e-8, 3.2, 1.5e-8)
+EARLY_EXIT_SHARE = 0.97  # second_prune early_exit: share of Linears that skip the adjustment (SmolLM2: 203 of 210)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 F32 = 4
 
@@ -124,6 +135,7 @@ class RunPlan:
     evaluation_tokens: int
     block_passes: int  # block forward passes over the calibration per block (statistics + advances)
     flops_per_block: dict[str, float]
+    loop_seconds_per_block: float  # solver work that runs below the matmul rate (SparseGPT's column loop, ...)
     gflops: float
     seconds_per_block: float
     total_seconds: float
@@ -267,28 +279,42 @@ def solver_bytes(recipe: Recipe, linears: tuple[LinearShape, ...]) -> int:
     return int(worst)
 
 
-def prune_flops(method: str, d_out: int, d_in: int, blocksize: int = 128) -> float:
-    """FLOPs of one prune of W [d_out, d_in]: SparseGPT's lazy updates d_out d_in^2, in-block updates
-    d_out d_in blocksize and factorisations d_in^3; Wanda/magnitude a sort (~20 d_out d_in)."""
+def prune_cost(method: str, d_out: int, d_in: int, blocksize: int = 128) -> tuple[float, float]:
+    """(FLOPs, loop seconds) of one prune of W [d_out, d_in]. SparseGPT: lazy updates d_out d_in^2, in-block updates
+    d_out d_in blocksize, factorisations 2 d_in^3 (fitted), and its column loop SPARSEGPT_LOOP; Wanda/magnitude:
+    a selection (~20 d_out d_in)."""
     if method == "sparsegpt":
-        return float(d_out * d_in * d_in + d_out * d_in * blocksize + d_in ** 3)
-    return 20.0 * d_out * d_in
+        per_column, per_cell = SPARSEGPT_LOOP
+        return float(d_out * d_in * d_in + d_out * d_in * blocksize + 2 * d_in ** 3), d_in * (per_column
+                                                                                             + per_cell * d_out)
+    return 20.0 * d_out * d_in, 0.0
 
 
-def stage_flops(recipe: Recipe, index: int, d_out: int, d_in: int) -> float:
-    """FLOPs of stage `index` on one Linear [d_out, d_in], plus its error record (two W H products)."""
+def stage_cost(recipe: Recipe, index: int, d_out: int, d_in: int) -> tuple[float, float]:
+    """(FLOPs, loop seconds) of stage `index` on one Linear [d_out, d_in], with its error record (two W H
+    products); solver iterations at their max_iter (tol rarely stops them early)."""
     stage, first = recipe.stages[index], recipe.first_prune
     product = 2.0 * d_out * d_in * d_in  # one W @ H
     record = 2 * product
+    weights, squares = d_out * d_in, d_in * d_in
     if stage.kind == "prune":
-        return prune_flops(stage.method, d_out, d_in, stage.blocksize) + record
+        flops, seconds = prune_cost(stage.method, d_out, d_in, stage.blocksize)
+        return flops + record, seconds
     if stage.kind == "redense":
         if stage.solver == "sgd":  # per token: forward and backward of x W^T, every epoch
             tokens = recipe.calibration.segments * recipe.calibration.length
-            return 6.0 * stage.epochs * tokens * d_out * d_in + record
-        return (stage.max_iter + 3) * product + 200.0 * d_in * d_in + record
-    adjust = (stage.max_iter + 2) * product + 200.0 * d_in * d_in if stage.adjust else 0.0
-    return prune_flops(first.method, d_out, d_in, first.blocksize) + 3 * product + adjust + record
+            return 6.0 * stage.epochs * tokens * d_out * d_in + record, 0.0
+        it_products, it_seconds, fixed_products, fixed_seconds = REDENSE_COST
+        return ((it_products * stage.max_iter + fixed_products) * product + record,
+                it_seconds * weights * stage.max_iter + fixed_seconds * squares)
+    flops, seconds = prune_cost(first.method, d_out, d_in, first.blocksize)
+    flops += 2 * product + record  # R of the first and second prune
+    if stage.adjust:
+        share = 1.0 - EARLY_EXIT_SHARE if stage.early_exit else 1.0
+        it_products, it_seconds, fixed_products, fixed_seconds = ADJUST_COST
+        flops += share * (it_products * stage.max_iter + fixed_products) * product
+        seconds += share * (it_seconds * weights * stage.max_iter + fixed_seconds * squares)
+    return flops, seconds
 
 
 def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None = None,
@@ -328,6 +354,7 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
         "Gram matrices": gram_bytes(lins),
         "streams in RAM": in_ram,
         "stream advanced by a statistics pass": len(reused) * cal_stream,
+        "captured block-0 inputs (held)": (cal_stream * cal.parts + ev_stream) if HOLDS_CAPTURED_INPUTS else 0,
         "solver work or block pass output (larger)": max(solver_bytes(recipe, lins), block_pass),
     }
     head_phase = (BASELINE_BYTES + memory["texts of the data sources"] + memory["tokenising the evaluation part"]
@@ -340,6 +367,7 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
     cal_tokens = cal.segments * cal.length
     flops: dict[str, float] = {"statistics passes": 0.0, "stream advances": 0.0, "evaluation passes": 0.0,
                                "solvers": 0.0}
+    loop_seconds = 0.0
     for index in range(shape.blocks):
         per_token = 2.0 * shape.block_params[index] + 2.0 * cal.length * d
         grams = 2.0 * sum(w * w for w in {lin.group: lin.d_in for lin in shape.linears[index]}.values())
@@ -348,21 +376,26 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
         if versions:
             per_ev_token = 2.0 * shape.block_params[index] + 2.0 * ev.window * d
             flops["evaluation passes"] += len(versions) * tokens_ev * per_ev_token
-        flops["solvers"] += sum(stage_flops(recipe, i, lin.d_out, lin.d_in)
-                                for i in range(len(recipe.stages)) for lin in shape.linears[index])
+        for i in range(len(recipe.stages)):
+            for lin in shape.linears[index]:
+                f, sec = stage_cost(recipe, i, lin.d_out, lin.d_in)
+                flops["solvers"] += f
+                loop_seconds += sec
     head = len(versions) * tokens_ev * 2.0 * vocab * d
     flops = {k: v / max(shape.blocks, 1) for k, v in flops.items()}
-    seconds_per_block = sum(flops.values()) / (gflops * 1e9)
+    loop_seconds /= max(shape.blocks, 1)
+    seconds_per_block = sum(flops.values()) / (gflops * 1e9) + loop_seconds
     total = seconds_per_block * shape.blocks + head / (gflops * 1e9)
     assumptions = [f"evaluation tokens: {tokens_ev:,}" + (" (assumed for the source)" if eval_tokens is None and ev
                                                           is not None and ev.max_tokens is None else ""),
-                   f"machine rate {gflops:.1f} GFLOP/s (float32 matmul); solver loops run slower: time is a lower "
-                   "estimate"]
+                   f"machine rate {gflops:.1f} GFLOP/s (float32 matmul); solver loops: {loop_seconds:.1f} s per "
+                   "block (fitted on a 2-core x86 host)"]
     return RunPlan(model=model or recipe.model, blocks=shape.blocks, params=shape.params, memory=memory,
                    head_phase_bytes=head_phase, peak_rss_bytes=max(sum(memory.values()), head_phase), disk=disk,
                    disk_bytes=sum(disk.values()), calibration_streams=len(keys), evaluation_streams=len(versions),
                    evaluation_tokens=tokens_ev, block_passes=len(recipe.stages) + len(keys - reused),
-                   flops_per_block=flops, gflops=gflops, seconds_per_block=seconds_per_block, total_seconds=total,
+                   flops_per_block=flops, loop_seconds_per_block=loop_seconds, gflops=gflops,
+                   seconds_per_block=seconds_per_block, total_seconds=total,
                    memory_budget=memory_budget, assumptions=assumptions)
 
 
@@ -422,7 +455,8 @@ def format_plan(plan: RunPlan) -> str:
     lines += [f"  {'total':<44}{_gib(plan.disk_bytes)}", "",
               f"Time ({plan.gflops:.1f} GFLOP/s)"]
     lines += [f"  {name:<44}{value / 1e9:8.1f} GFLOP/block" for name, value in plan.flops_per_block.items()]
-    lines += [f"  {'per block':<44}{_duration(plan.seconds_per_block):>12}",
+    lines += [f"  {'solver loops (seconds, not FLOPs)':<44}{_duration(plan.loop_seconds_per_block):>12}",
+              f"  {'per block':<44}{_duration(plan.seconds_per_block):>12}",
               f"  {'whole run':<44}{_duration(plan.total_seconds):>12}", ""]
     lines += [f"assumption: {a}" for a in plan.assumptions]
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 import pytest
 import transformers
 
-from sdsonnx.plan import (BASELINE_BYTES, EVAL_TOKENS, LOGIT_COPIES, TEXT_BYTES, TOKENIZE_BYTES_PER_TOKEN,
+from sdsonnx.plan import (ADJUST_COST, BASELINE_BYTES, EARLY_EXIT_SHARE, EVAL_TOKENS, LOGIT_COPIES, REDENSE_COST,
+                          SPARSEGPT_LOOP, TEXT_BYTES, TOKENIZE_BYTES_PER_TOKEN, stage_cost,
                           evaluated_versions, format_plan, input_groups, measure_gflops, model_shape, parse_bytes,
                           plan_from_shape, plan_run, stream_keys)
 from sdsonnx.recipe import Recipe
@@ -78,6 +79,7 @@ def test_plan_bytes_on_the_tiny_config_are_the_hand_sums():
         "Gram matrices": grams,
         "streams in RAM": streams,
         "stream advanced by a statistics pass": cal,  # SDS: the re-dense pass advances version 1
+        "captured block-0 inputs (held)": cal + ev_stream,
         "solver work or block pass output (larger)": max(solver, forward + 2 * max(cal, ev_stream)),
     }
     assert plan.memory == expected
@@ -158,6 +160,28 @@ def test_plan_run_reads_a_config_folder(tmp_path):
     block = sum(o * i for o, i in hand_block().values()) + 2 * D
     assert plan.blocks == 1 and plan.params == block + 2 * V * D + D  # cut to num_blocks
     assert plan.memory["streams in RAM"] == 0 and plan.disk["spilled streams"] == 2 * 8 * D * 4
+
+
+def test_stage_costs_and_time():
+    o, i = 6, 10
+    product = 2.0 * o * i * i
+    sds = recipe([PRUNE, {"kind": "redense", "max_iter": 7}, {"kind": "second_prune", "max_iter": 5}])
+    gpt_flops = o * i * i + o * i * 128 + 2 * i ** 3
+    gpt_seconds = i * (SPARSEGPT_LOOP[0] + SPARSEGPT_LOOP[1] * o)
+    assert stage_cost(sds, 0, o, i) == pytest.approx((gpt_flops + 2 * product, gpt_seconds))
+    a, b, c, e = REDENSE_COST
+    assert stage_cost(sds, 1, o, i) == pytest.approx(((a * 7 + c) * product + 2 * product, b * o * i * 7 + e * i * i))
+    a, b, c, e = ADJUST_COST
+    full = stage_cost(sds, 2, o, i)
+    assert full == pytest.approx((gpt_flops + 4 * product + (a * 5 + c) * product,
+                                  gpt_seconds + b * o * i * 5 + e * i * i))
+    early = recipe([PRUNE, {"kind": "redense"}, {"kind": "second_prune", "max_iter": 5, "early_exit": True}])
+    skipped = 1.0 - EARLY_EXIT_SHARE
+    assert stage_cost(early, 2, o, i)[0] == pytest.approx(gpt_flops + 4 * product + skipped * (a * 5 + c) * product)
+    plan = plan_from_shape(model_shape(tiny_config()), sds, gflops=2.0)
+    assert plan.seconds_per_block == pytest.approx(sum(plan.flops_per_block.values()) / 2e9
+                                                   + plan.loop_seconds_per_block)
+    assert plan.total_seconds == pytest.approx(BLOCKS * plan.seconds_per_block)  # no evaluation: no head pass
 
 
 def test_parse_bytes():
