@@ -442,7 +442,7 @@ def _duration(seconds: float) -> str:
 def format_plan(plan: RunPlan) -> str:
     """A readable table of the plan: memory components (GiB), peak, disk, time per block and in all."""
     budget = "none" if plan.memory_budget is None else _gib(plan.memory_budget).strip()
-    lines = [f"Plan for {plan.model}: {plan.blocks} blocks, {plan.params / 1e9:.2f}e9 parameters, "
+    lines = [f"Plan for {plan.model}: {plan.blocks} blocks, {plan.params:,} parameters, "
              f"memory budget {budget}",
              f"streams: {plan.calibration_streams} calibration, {plan.evaluation_streams} evaluation "
              f"({plan.evaluation_tokens:,} tokens); {plan.block_passes} calibration block passes per block",
