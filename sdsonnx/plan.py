@@ -17,25 +17,29 @@ What a streaming run (sdsonnx/shards.py, pipeline.prune_model) holds at its peak
   outside the decoder blocks);
 - one decoder block in float32 (its storage-dtype copy lives only while it loads), plus (stages + 1) float32
   versions of its target weights (dense, after each stage);
-- statistics: one float32 Gram d_in x d_in per distinct Linear input (q/k/v share one, gate/up share one);
 - calibration streams [segments, length, d] in activation_dtype, one per distinct (version, part) some stage
   reads (`pipeline.stream_key`), plus the stream a statistics pass already advanced (held to the block's end),
   plus the captured block-0 inputs prune_model keeps referenced (HOLDS_CAPTURED_INPUTS);
 - evaluation streams [k, window, d] in storage dtype, one per evaluated version (dense when evaluation.dense,
   each intermediate version when each_step and > 1 stage, the final one);
-- the larger of (a) the solver working copies of the most demanding (stage, Linear) (SOLVER_WORK, measured) and
-  (b) a block pass: float32 activations of one segment (`forward_bytes`) plus TRANSIENT_STREAMS copies of the
-  stream being produced (run_block keeps every segment's output, then concatenates them);
+- the largest of the block's working phases (`RunPlan.phases`): a solver (one float32 Gram d_in x d_in per
+  distinct Linear input, q/k/v sharing one and gate/up another, plus the working copies of the most demanding
+  stage and Linear, SOLVER_WORK, measured); a statistics pass (the Grams, float32 activations of one segment
+  `forward_bytes`, and the pass's output: run_block keeps every segment's output, then concatenates them,
+  STREAM_OUTPUT_COPIES); a calibration stream advance (the new stream next to the old one, plus NAN_CHECK_COPIES
+  streams of temporaries of the NaN/Inf check on the whole stream, measured); an evaluation stream advance;
 - the LM head phase (after the last block): evaluation streams, non-block weights and LOGIT_COPIES float32
   [window, V] logits; the peak is the larger of the block phase and this phase.
 A memory budget moves the streams (calibration + evaluation, not the transients) beyond it from RAM to disk.
-Disk: the output checkpoint (all weights in storage dtype), spilled streams, the resume state (streams once more).
+Disk: the output checkpoint (all weights in storage dtype), spilled streams, the resume state (the streams, twice:
+resume.Checkpointer deletes the previous commit's file after writing the next).
 
 Time per block: FLOPs of the block passes (2 params per token and 2 L d for attention, one statistics pass per
 stage with its Gram updates 2 d_in^2 per token, plus the stream advances not reused from a statistics pass, plus
 every evaluated version's pass), of the solvers per Linear (`stage_cost`) and of the per-module error records,
-divided by a measured float32 matmul rate (`measure_gflops`), plus the solvers' work that runs below that rate
-(SPARSEGPT_LOOP, REDENSE_COST, ADJUST_COST: fitted seconds on this project's host, not rescaled to another).
+divided by a measured float32 matmul rate (`measure_gflops`; the evaluation passes, which run in the storage
+dtype on the CPU, by that dtype's rate), plus the solvers' work that runs below that rate (SPARSEGPT_LOOP,
+REDENSE_COST, ADJUST_COST: fitted seconds on this project's host, not rescaled to another).
 """
 from __future__ import annotations
 
@@ -74,7 +78,8 @@ OUTPUT_LEAVES = {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "d
 # 9.30 W, second_prune (sparsegpt, adjust) 7.31 H + 13.38 W; magnitude taken as wanda.
 SOLVER_WORK = {"sparsegpt": (7.5, 4.0), "wanda": (1.25, 4.0), "magnitude": (1.25, 4.0), "redense": (1.5, 9.5),
                "second_prune": (7.5, 13.5)}
-TRANSIENT_STREAMS = 2  # run_block: the list of per-segment outputs and their concatenation
+STREAM_OUTPUT_COPIES = 2  # run_block: the list of per-segment outputs and their concatenation
+NAN_CHECK_COPIES = 2  # pipeline.check_finite_activations on a whole float16 stream: +2 streams of peak (measured)
 # pipeline.prune_model keeps `inputs` (the captured block-0 calibration hidden states, all parts) and `captured`
 # (the evaluation windows') referenced for its whole loop: one more stream of each. False once it drops them.
 HOLDS_CAPTURED_INPUTS = True
@@ -126,6 +131,7 @@ class RunPlan:
     blocks: int
     params: int
     memory: dict[str, int]  # RAM at the block-phase peak, by component
+    phases: dict[str, int]  # the block's working phases (only the largest is in `memory`)
     head_phase_bytes: int  # RAM while the LM head evaluates the final streams
     peak_rss_bytes: int
     disk: dict[str, int]
@@ -137,6 +143,7 @@ class RunPlan:
     flops_per_block: dict[str, float]
     loop_seconds_per_block: float  # solver work that runs below the matmul rate (SparseGPT's column loop, ...)
     gflops: float
+    eval_gflops: float  # rate of the evaluation passes (storage dtype on the CPU)
     seconds_per_block: float
     total_seconds: float
     memory_budget: int | None = None
@@ -319,9 +326,10 @@ def stage_cost(recipe: Recipe, index: int, d_out: int, d_in: int) -> tuple[float
 
 def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None = None,
                     eval_tokens: int | None = None, gflops: float = 50.0, model: str | None = None,
-                    mapped_bytes: int | None = None) -> RunPlan:
+                    mapped_bytes: int | None = None, eval_gflops: float | None = None) -> RunPlan:
     """RunPlan of `recipe` on a model of `shape` (already cut to recipe.num_blocks), with a machine rate of
-    `gflops` GFLOP/s; eval_tokens overrides the evaluation token count (k * window) when known; mapped_bytes: the
+    `gflops` GFLOP/s (float32; `eval_gflops` for the evaluation passes, which run in the storage dtype on the CPU;
+    default gflops); eval_tokens overrides the evaluation token count (k * window) when known; mapped_bytes: the
     source checkpoint's bytes the shard reader keeps mapped (default: every kept tensor in storage dtype)."""
     if gflops <= 0:
         raise ValueError(f"gflops must be > 0, got {gflops}")
@@ -342,7 +350,14 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
     biggest = max(range(shape.blocks), key=lambda i: (shape.block_params[i], gram_bytes(shape.linears[i])))
     lins = shape.linears[biggest]
     target_params = sum(lin.d_out * lin.d_in for lin in lins)
-    block_pass = forward_bytes(lins, d, seq) + TRANSIENT_STREAMS * max(cal_stream, ev_stream)
+    grams, forward = gram_bytes(lins), forward_bytes(lins, d, seq)
+    phases = {
+        "solver: Grams + working copies": grams + solver_bytes(recipe, lins),
+        "statistics pass: Grams + output": grams + forward + STREAM_OUTPUT_COPIES * cal_stream,
+        "stream advance + NaN check": forward + (1 + NAN_CHECK_COPIES) * cal_stream,
+        "evaluation advance": forward + STREAM_OUTPUT_COPIES * ev_stream if versions else 0,
+    }
+    largest = max(phases, key=phases.get)
     memory = {
         "baseline (python, torch, transformers)": BASELINE_BYTES,
         "texts of the data sources": text_bytes(recipe),
@@ -351,18 +366,17 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
         "non-block weights": shape.nonblock_params * storage,
         "block weights (float32)": shape.block_params[biggest] * F32,
         "weight versions (float32)": (len(recipe.stages) + 1) * target_params * F32,
-        "Gram matrices": gram_bytes(lins),
         "streams in RAM": in_ram,
         "stream advanced by a statistics pass": len(reused) * cal_stream,
         "captured block-0 inputs (held)": (cal_stream * cal.parts + ev_stream) if HOLDS_CAPTURED_INPUTS else 0,
-        "solver work or block pass output (larger)": max(solver_bytes(recipe, lins), block_pass),
+        f"largest phase: {largest}": phases[largest],
     }
     head_phase = (BASELINE_BYTES + memory["texts of the data sources"] + memory["tokenising the evaluation part"]
                   + memory["source checkpoint pages mapped"] + memory["non-block weights"]
                   + min(len(versions) * ev_stream, in_ram)
                   + (LOGIT_COPIES * ev.window * vocab * F32 if versions else 0))
     disk = {"checkpoint": shape.params * storage, "spilled streams": streams - in_ram,
-            "resume state (streams)": streams}
+            "resume state (streams, last two commits)": 2 * streams}
 
     cal_tokens = cal.segments * cal.length
     flops: dict[str, float] = {"statistics passes": 0.0, "stream advances": 0.0, "evaluation passes": 0.0,
@@ -384,28 +398,36 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
     head = len(versions) * tokens_ev * 2.0 * vocab * d
     flops = {k: v / max(shape.blocks, 1) for k, v in flops.items()}
     loop_seconds /= max(shape.blocks, 1)
-    seconds_per_block = sum(flops.values()) / (gflops * 1e9) + loop_seconds
-    total = seconds_per_block * shape.blocks + head / (gflops * 1e9)
+    eval_gflops = gflops if eval_gflops is None else eval_gflops
+    if eval_gflops <= 0:
+        raise ValueError(f"eval_gflops must be > 0, got {eval_gflops}")
+    seconds_per_block = ((sum(flops.values()) - flops["evaluation passes"]) / (gflops * 1e9)
+                         + flops["evaluation passes"] / (eval_gflops * 1e9) + loop_seconds)
+    total = seconds_per_block * shape.blocks + head / (eval_gflops * 1e9)
     assumptions = [f"evaluation tokens: {tokens_ev:,}" + (" (assumed for the source)" if eval_tokens is None and ev
                                                           is not None and ev.max_tokens is None else ""),
-                   f"machine rate {gflops:.1f} GFLOP/s (float32 matmul); solver loops: {loop_seconds:.1f} s per "
+                   f"machine rate {gflops:.1f} GFLOP/s (float32), evaluation passes {eval_gflops:.1f} GFLOP/s "
+                   f"({recipe.dtype}); solver loops: {loop_seconds:.1f} s per "
                    "block (fitted on a 2-core x86 host)"]
-    return RunPlan(model=model or recipe.model, blocks=shape.blocks, params=shape.params, memory=memory,
+    return RunPlan(model=model or recipe.model, blocks=shape.blocks, params=shape.params, memory=memory, phases=phases,
                    head_phase_bytes=head_phase, peak_rss_bytes=max(sum(memory.values()), head_phase), disk=disk,
                    disk_bytes=sum(disk.values()), calibration_streams=len(keys), evaluation_streams=len(versions),
                    evaluation_tokens=tokens_ev, block_passes=len(recipe.stages) + len(keys - reused),
-                   flops_per_block=flops, loop_seconds_per_block=loop_seconds, gflops=gflops,
+                   flops_per_block=flops, loop_seconds_per_block=loop_seconds, gflops=gflops, eval_gflops=eval_gflops,
                    seconds_per_block=seconds_per_block, total_seconds=total,
                    memory_budget=memory_budget, assumptions=assumptions)
 
 
-def measure_gflops(seconds: float = 0.5, size: int = 1024) -> float:
-    """Float32 matmul rate [size, size] @ [size, size] in GFLOP/s with torch's current thread count."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
+def measure_gflops(seconds: float = 0.5, size: int = 1024, dtype: torch.dtype = torch.float32) -> float:
+    """Rate of F.linear on [size, size] x [size, size] in `dtype`, GFLOP/s, with torch's current thread count
+    (float16 on x86 CPUs runs far below float32: ~28 against ~105 GFLOP/s on this project's host)."""
+    import torch.nn.functional as F
+
+    x, w = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    F.linear(x, w)  # warm-up
     count, start = 0, time.perf_counter()
     while True:
-        a @ b
+        F.linear(x, w)
         count += 1
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
@@ -413,9 +435,10 @@ def measure_gflops(seconds: float = 0.5, size: int = 1024) -> float:
 
 
 def plan_run(recipe: Recipe, memory_budget: int | str | None = None, eval_tokens: int | None = None,
-             gflops: float | None = None) -> RunPlan:
+             gflops: float | None = None, eval_gflops: float | None = None) -> RunPlan:
     """RunPlan of a recipe from its model's config (no weights loaded); memory_budget defaults to the recipe's
-    `memory_budget` when it has one, gflops to measure_gflops()."""
+    `memory_budget` when it has one, gflops to measure_gflops() in float32, eval_gflops (the evaluation passes run
+    in the storage dtype) to measure_gflops in recipe.dtype when gflops is not given, else to gflops."""
     from .models import keep_first_blocks, model_config
 
     config = model_config(recipe.model, recipe.trust_remote_code)
@@ -426,8 +449,11 @@ def plan_run(recipe: Recipe, memory_budget: int | str | None = None, eval_tokens
     if memory_budget is None:
         memory_budget = getattr(recipe, "memory_budget", None)
     shape = model_shape(config, recipe.targets, recipe.ignore)
-    return plan_from_shape(shape, recipe, parse_bytes(memory_budget), eval_tokens,
-                           measure_gflops() if gflops is None else gflops)
+    if gflops is None:
+        gflops = measure_gflops()
+        if eval_gflops is None and recipe.dtype != "float32":
+            eval_gflops = measure_gflops(dtype=getattr(torch, recipe.dtype))
+    return plan_from_shape(shape, recipe, parse_bytes(memory_budget), eval_tokens, gflops, eval_gflops=eval_gflops)
 
 
 def _gib(n: float) -> str:
@@ -450,7 +476,9 @@ def format_plan(plan: RunPlan) -> str:
     lines += [f"  {name:<44}{_gib(value)}" for name, value in plan.memory.items()]
     lines += [f"  {'block phase total':<44}{_gib(sum(plan.memory.values()))}",
               f"  {'LM head phase total':<44}{_gib(plan.head_phase_bytes)}",
-              f"  {'predicted peak RSS':<44}{_gib(plan.peak_rss_bytes)}", "", "Disk"]
+              f"  {'predicted peak RSS':<44}{_gib(plan.peak_rss_bytes)}", "", "Working phases of a block"]
+    lines += [f"  {name:<44}{_gib(value)}" for name, value in plan.phases.items()]
+    lines += ["", "Disk"]
     lines += [f"  {name:<44}{_gib(value)}" for name, value in plan.disk.items()]
     lines += [f"  {'total':<44}{_gib(plan.disk_bytes)}", "",
               f"Time ({plan.gflops:.1f} GFLOP/s)"]

@@ -1,5 +1,6 @@
 """sdsonnx.plan: byte counts against hand sums, streams per recipe, budget, a LLaMA-7B config (no files)."""
 import pytest
+import torch
 import transformers
 
 from sdsonnx.plan import (ADJUST_COST, BASELINE_BYTES, EARLY_EXIT_SHARE, EVAL_TOKENS, LOGIT_COPIES, REDENSE_COST,
@@ -76,18 +77,24 @@ def test_plan_bytes_on_the_tiny_config_are_the_hand_sums():
         "non-block weights": (2 * V * D + D) * 2,
         "block weights (float32)": block * 4,
         "weight versions (float32)": 4 * targets * 4,
-        "Gram matrices": grams,
         "streams in RAM": streams,
         "stream advanced by a statistics pass": cal,  # SDS: the re-dense pass advances version 1
         "captured block-0 inputs (held)": cal + ev_stream,
-        "solver work or block pass output (larger)": max(solver, forward + 2 * max(cal, ev_stream)),
     }
+    phases = {"solver: Grams + working copies": grams + solver,
+              "statistics pass: Grams + output": grams + forward + 2 * cal,
+              "stream advance + NaN check": forward + 3 * cal,
+              "evaluation advance": forward + 2 * ev_stream}
+    assert plan.phases == phases
+    largest = max(phases, key=phases.get)
+    expected[f"largest phase: {largest}"] = phases[largest]
     assert plan.memory == expected
     assert plan.peak_rss_bytes == max(sum(expected.values()), plan.head_phase_bytes)
     assert plan.head_phase_bytes == (BASELINE_BYTES + TEXT_BYTES["wiki-extracts"] + (2 * V * D + D) * 2
                                      + TOKENIZE_BYTES_PER_TOKEN * EVAL_TOKENS["wiki-extracts"] + params * 2
                                      + 4 * ev_stream + LOGIT_COPIES * 4 * V * 4)
-    assert plan.disk == {"checkpoint": params * 2, "spilled streams": 0, "resume state (streams)": streams}
+    assert plan.disk == {"checkpoint": params * 2, "spilled streams": 0,
+                         "resume state (streams, last two commits)": 2 * streams}
     assert (plan.calibration_streams, plan.evaluation_streams, plan.evaluation_tokens) == (2, 4, 8)
 
 
@@ -147,7 +154,9 @@ def test_llama_7b_config():
     plan = plan_from_shape(shape, r, gflops=100.0)
     assert plan.disk["checkpoint"] == 2 * shape.params
     assert plan.memory["streams in RAM"] == 2 * 2**30  # one 128 x 2048 x 4096 float16 stream: 2 GiB (DESIGN.md)
-    assert plan.memory["Gram matrices"] == 4 * (3 * 4096**2 + 11008**2)
+    grams = 4 * (3 * 4096**2 + 11008**2)  # q/k/v, o_proj, gate/up: 4096; down_proj: 11008
+    solver = int(4 * (7.5 * 11008**2 + 4.0 * 4096 * 11008))  # SparseGPT on down_proj
+    assert plan.phases["solver: Grams + working copies"] == grams + solver
     text = format_plan(plan)
     assert "predicted peak RSS" in text and "GiB" in text and "per block" in text
 
@@ -182,6 +191,13 @@ def test_stage_costs_and_time():
     assert plan.seconds_per_block == pytest.approx(sum(plan.flops_per_block.values()) / 2e9
                                                    + plan.loop_seconds_per_block)
     assert plan.total_seconds == pytest.approx(BLOCKS * plan.seconds_per_block)  # no evaluation: no head pass
+    ev = recipe(SDS, evaluation={"window": 4, "max_tokens": 8, "dense": False, "each_step": False})
+    plan = plan_from_shape(model_shape(tiny_config()), ev, gflops=2.0, eval_gflops=0.5)
+    flops = plan.flops_per_block
+    assert flops["evaluation passes"] == 8 * (2.0 * (sum(o * i for o, i in hand_block().values()) + 2 * D) + 2 * 4 * D)
+    assert plan.seconds_per_block == pytest.approx((sum(flops.values()) - flops["evaluation passes"]) / 2e9
+                                                   + flops["evaluation passes"] / 0.5e9 + plan.loop_seconds_per_block)
+    assert plan.total_seconds == pytest.approx(BLOCKS * plan.seconds_per_block + 8 * 2.0 * V * D / 0.5e9)
 
 
 def test_parse_bytes():
@@ -193,3 +209,4 @@ def test_parse_bytes():
 
 def test_measure_gflops_is_positive():
     assert measure_gflops(seconds=0.05, size=64) > 0
+    assert measure_gflops(seconds=0.05, size=64, dtype=torch.bfloat16) > 0
