@@ -67,7 +67,10 @@ def main(verbose: bool) -> None:
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output directory (overrides the recipe's).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically, when complete).")
-def run(recipe: str, output: str | None, no_progress: bool, force: bool) -> None:
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run of the same recipe, model and data from its last complete block "
+                   "(kept in the output's hidden work area); refused (exit 2) when any of them changed.")
+def run(recipe: str, output: str | None, no_progress: bool, force: bool, resume: bool) -> None:
     """Prune the model of RECIPE (a YAML file) stage by stage; write checkpoint, recipe and report.json."""
     from pathlib import Path
 
@@ -77,9 +80,9 @@ def run(recipe: str, output: str | None, no_progress: bool, force: bool) -> None
 
     parsed = load_recipe(recipe, {"output": output})
     out = Path(parsed.output or Path("runs") / Path(recipe).stem)
-    report = run_recipe(parsed, out, recipe, progress=not no_progress, force=force)
+    report = run_recipe(parsed, out, recipe, progress=not no_progress, force=force, resume=resume)
     click.echo(run_summary(report))
-    written = ["model.safetensors", "recipe.resolved.yaml", "report.json"]
+    written = ["model-*.safetensors", "recipe.resolved.yaml", "report.json"]
     written += [report["weight_figure"]["file"]] if "weight_figure" in report else []
     written += ["onnx/"] if "export" in report else []
     click.echo(f"\nwrote {out}/ ({', '.join(written)})")

@@ -176,3 +176,14 @@ def atomic_output(path: str | Path, force: bool = False, resume: bool = False) -
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+KILL_ENV = "SDSONNX_KILL_AT"
+
+
+def kill_point(name: str) -> None:
+    """Fault injection for the kill/resume tests: SIGKILL this process when $SDSONNX_KILL_AT equals `name`
+    (points: shard-<i> between a shard's temporary file and its rename, state-<b> between a resume state's
+    tensors and its commit). Unset in normal use: a no-op."""
+    if os.environ.get(KILL_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)

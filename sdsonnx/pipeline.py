@@ -26,16 +26,18 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import NumericalError
-from .blocks import BlockInputs, capture_block_inputs, find_blocks, run_block, target_linears
+from .blocks import capture_block_inputs, find_blocks, run_block, target_linears
 from .evaluate import head_perplexity
 from .recipe import PruneStage, Recipe, RecipeError
 from .report import ModuleRecord, StageRecord
+from .resume import LoopState
 from .shards import InMemoryWeights
 from .stages import STAGES, ModuleContext
 from .stats import LayerStats, output_error
@@ -138,17 +140,18 @@ def collect_stats_and_output(block: nn.Module, linears: dict[str, nn.Linear], hi
     return stats, out
 
 
-def owl_block_sparsity(blocks: nn.ModuleList, targets: dict[int, dict[str, nn.Linear]], inputs: BlockInputs,
-                       stage: PruneStage, device: torch.device, weights: InMemoryWeights) -> list[float]:
+def owl_block_sparsity(blocks: nn.ModuleList, targets: dict[int, dict[str, nn.Linear]], hidden: torch.Tensor,
+                       kwargs: list[dict], stage: PruneStage, device: torch.device, weights: InMemoryWeights
+                       ) -> list[float]:
     """OWL: per-block sparsity from the share of outlier Wanda scores in the dense model (one extra pass)."""
     from .prune.owl import outlier_ratio, owl_sparsities
 
-    hidden, ratios = inputs.hidden, []
+    ratios = []
     for index, block in enumerate(tqdm(blocks, desc="OWL outlier ratios", leave=False)):
         weights.load(index, block)
         dtype = next(block.parameters()).dtype
         block.to(device, torch.float32)
-        stats, hidden = collect_stats_and_output(block, targets[index], hidden, inputs.kwargs[index])
+        stats, hidden = collect_stats_and_output(block, targets[index], hidden, kwargs[index])
         scores = [mod.weight.detach().abs() * stats[name].sq_norm.sqrt() for name, mod in targets[index].items()]
         ratios.append(outlier_ratio(scores, stage.owl.threshold_m))
         block.to("cpu", dtype)
@@ -202,11 +205,14 @@ def version_name(recipe: Recipe, version: int) -> str:
 
 
 def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, progress: bool = True,
-                windows: torch.Tensor | None = None, weights: InMemoryWeights | None = None) -> PipelineResult:
+                windows: torch.Tensor | None = None, weights: InMemoryWeights | None = None,
+                resume: LoopState | None = None, checkpoint: Callable[[LoopState], None] | None = None
+                ) -> PipelineResult:
     """Apply the recipe's stages to `model` block by block; calibration is [parts * n, L] token ids. With
     `windows` [k, W] the perplexities of eval_versions(recipe) are measured on the way (result.perplexity).
     `weights` gives each block its weights and takes its final ones (default: the model holds them all and is
-    modified in place; shards.StreamedWeights: read from and written to safetensors shards)."""
+    modified in place; shards.StreamedWeights: read from and written to safetensors shards). `checkpoint` is
+    called with the loop's state after every block; `resume` (such a state) continues from its next block."""
     weights = weights or InMemoryWeights()
     device = resolve_device(recipe.device)
     _, blocks = find_blocks(model)
@@ -216,10 +222,6 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
     first = recipe.first_prune
     result = PipelineResult(stage_seconds=[0.0] * len(recipe.stages),
                             figure_module=figure_module(recipe.weight_figure, targets))
-    if first.profile == "owl":
-        result.block_sparsity = owl_block_sparsity(blocks, targets, inputs, first, device, weights)
-        log.info("OWL block sparsity: %s", ", ".join(f"{s:.3f}" for s in result.block_sparsity))
-
     per_part = calibration.shape[0] // recipe.calibration.parts
     keys = {stream_key(recipe, i) for i in range(len(recipe.stages))}
     streams = {k: inputs.hidden[k.part * per_part:(k.part + 1) * per_part] for k in keys}
@@ -228,42 +230,70 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
     if versions_measured:
         captured = capture_block_inputs(model, windows, model.get_input_embeddings().weight.dtype)
         ev = EvalStreams(windows, {v: captured.hidden for v in versions_measured}, captured.kwargs)
+    if resume is not None:
+        streams = resume.streams
+        result.modules, result.stage_seconds, result.eval_seconds = resume.modules, resume.stage_seconds, \
+            resume.eval_seconds
+        result.block_sparsity, result.figure_versions = resume.block_sparsity, resume.figure_versions
+        if ev is not None:
+            ev.hidden, ev.tuple_output = resume.eval_hidden, resume.tuple_output
+        log.info("resuming at block %d of %d", resume.next_block, len(blocks))
+    elif first.profile == "owl":
+        result.block_sparsity = owl_block_sparsity(blocks, targets, inputs.hidden, inputs.kwargs, first, device, weights)
+        log.info("OWL block sparsity: %s", ", ".join(f"{s:.3f}" for s in result.block_sparsity))
 
-    for index, block in enumerate(tqdm(blocks, desc="Pruning blocks", disable=not progress)):
+    start = 0 if resume is None else resume.next_block
+    for index in tqdm(range(start, len(blocks)), initial=start, total=len(blocks), desc="Pruning blocks",
+                      disable=not progress):
+        block = blocks[index]
         weights.load(index, block)
-        linears = targets[index]
-        if not linears:
-            streams = {k: run_block(block, h, inputs.kwargs[index]) for k, h in streams.items()}
-            if ev is not None:
-                _timed_eval(result, ev, versions_measured, block, index, recipe)
-            weights.finish(index, block)
-            continue
-        storage_dtype = next(block.parameters()).dtype
-        if ev is not None and 0 in versions_measured:
-            _timed_eval(result, ev, [0], block, index, recipe)
-        block.to(device, torch.float32)
-        versions, advanced = _run_stages(recipe, index, block, linears, streams, inputs.kwargs[index], result)
-        for key in streams:
-            if key in advanced:
-                streams[key] = advanced[key]
-                continue
-            _set_weights(linears, versions[key.version])
-            streams[key] = run_block(block, streams[key], inputs.kwargs[index])
-        for key, hidden in streams.items():
-            check_finite_activations(hidden, index, key, recipe.activation_dtype)
-        block.to("cpu", storage_dtype)
-        for version in (v for v in versions_measured if v > 0):
-            _set_weights(linears, versions[version])
-            _timed_eval(result, ev, [version], block, index, recipe)
-        _set_weights(linears, versions[-1])
+        streams = _process_block(recipe, index, block, targets[index], streams, inputs.kwargs[index], ev,
+                                 versions_measured, device, result)
         weights.finish(index, block)
+        if checkpoint is not None:
+            checkpoint(LoopState(index + 1, streams, {} if ev is None else ev.hidden,
+                                 None if ev is None else ev.tuple_output, result.modules, result.stage_seconds,
+                                 result.eval_seconds, result.block_sparsity, result.figure_versions))
     if ev is not None:
         for version in versions_measured:
-            start = time.perf_counter()
+            begin = time.perf_counter()
             result.perplexity[version_name(recipe, version)] = head_perplexity(model, ev.windows, ev.hidden[version],
                                                                                ev.tuple_output)
-            _add_eval_seconds(result, recipe, version, time.perf_counter() - start)
+            _add_eval_seconds(result, recipe, version, time.perf_counter() - begin)
     return result
+
+
+def _process_block(recipe: Recipe, index: int, block: nn.Module, linears: dict[str, nn.Linear],
+                   streams: dict[StreamKey, torch.Tensor], kwargs: dict, ev: EvalStreams | None,
+                   versions_measured: list[int], device: torch.device, result: PipelineResult
+                   ) -> dict[StreamKey, torch.Tensor]:
+    """One block of the loop: every stage, then every stream (calibration and evaluation) advanced through it
+    with its version's weights; the block ends holding its final weights in its storage dtype on the CPU.
+    Returns the advanced calibration streams."""
+    if not linears:
+        if ev is not None:
+            _timed_eval(result, ev, versions_measured, block, index, recipe)
+        return {k: run_block(block, h, kwargs) for k, h in streams.items()}
+    storage_dtype = next(block.parameters()).dtype
+    if ev is not None and 0 in versions_measured:
+        _timed_eval(result, ev, [0], block, index, recipe)
+    block.to(device, torch.float32)
+    versions, advanced = _run_stages(recipe, index, block, linears, streams, kwargs, result)
+    out = {}
+    for key in streams:
+        if key in advanced:
+            out[key] = advanced[key]
+            continue
+        _set_weights(linears, versions[key.version])
+        out[key] = run_block(block, streams[key], kwargs)
+    for key, hidden in out.items():
+        check_finite_activations(hidden, index, key, recipe.activation_dtype)
+    block.to("cpu", storage_dtype)
+    for version in (v for v in versions_measured if v > 0):
+        _set_weights(linears, versions[version])
+        _timed_eval(result, ev, [version], block, index, recipe)
+    _set_weights(linears, versions[-1])
+    return out
 
 
 def _timed_eval(result: PipelineResult, ev: EvalStreams, versions: list[int], block: nn.Module, index: int,

@@ -21,6 +21,7 @@ from .outputs import atomic_output
 from .pipeline import DTYPES, PipelineResult, prune_model
 from .preflight import check_recipe
 from .recipe import Recipe
+from .resume import Checkpointer, identity
 from .shards import ShardWriter, StreamedWeights
 from .report import (CalibrationRecord, DataRecord, DataUseRecord, EvaluationRecord, ExportRecord, FigureRecord,
                      HostRecord, RunReport, ValidationRecord, write_report)
@@ -91,35 +92,42 @@ def timed(wall: dict[str, float], key: str):
 
 
 def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", progress: bool = True,
-               force: bool = False) -> dict:
+               force: bool = False, resume: bool = False) -> dict:
     """Run every stage of the recipe and write checkpoint, resolved recipe and report.json into `output`;
     returns report.json's object (RunReport.to_dict()). `output` is built in a hidden work area and renamed into
-    place when complete (sdsonnx/outputs.py): an existing `output` is an OutputExistsError unless `force`."""
+    place when complete (sdsonnx/outputs.py): an existing `output` is an OutputExistsError unless `force`.
+    `resume` continues an interrupted run from its work area's last complete block (sdsonnx/resume.py)."""
     check_recipe(recipe, recipe_path, output)
     wall: dict[str, float] = {}
     with timed(wall, "load"):  # the data first: a text that cannot be used fails before the weights load
         texts = recipe_texts(recipe, recipe_path)
         tokenizer = local_tokenizer(recipe)
         tokens = None if tokenizer is None else recipe_tokens(recipe, tokenizer, texts, recipe_path)
-    with atomic_output(output, force) as work:
-        return _run_into(recipe, work, Path(output).resolve(), progress, texts, recipe_path, tokens, wall)
+    with atomic_output(output, force, resume=resume) as work:
+        return _run_into(recipe, work, Path(output).resolve(), progress, texts, recipe_path, tokens, wall, resume)
 
 
 def _run_into(recipe: Recipe, work: Path, output: Path, progress: bool, texts: dict[str, Texts],
-              recipe_path: str, tokens: tuple | None, wall: dict[str, float]) -> dict:
+              recipe_path: str, tokens: tuple | None, wall: dict[str, float], resume: bool = False) -> dict:
     """run_recipe's body: open the model as a skeleton whose blocks stream from its shards, prune (measuring the
     perplexities on the way) and write everything into `work` (to become `output`)."""
     dtype = DTYPES[recipe.dtype]
     with timed(wall, "load"):
-        model, reader, tokenizer, _ = open_streamed(recipe.model, dtype, recipe.num_blocks, work,
-                                                    recipe.trust_remote_code, recipe.allow_pickle)
+        model, reader, tokenizer, folder = open_streamed(recipe.model, dtype, recipe.num_blocks, work,
+                                                         recipe.trust_remote_code, recipe.allow_pickle)
         calibration, windows, data = tokens or recipe_tokens(recipe, tokenizer, texts, recipe_path)
+    checkpointer = Checkpointer(work, identity(recipe.digest(), folder, calibration, windows))
+    state = checkpointer.load() if resume else None
+    if resume and state is None:
+        log.info("%s: no finished block to resume from; starting at block 0", output)
 
     _, blocks = find_blocks(model)
     weights = StreamedWeights(model, reader, ShardWriter(work, len(blocks) + 1), dtype)
     with timed(wall, "prune"):
-        result = prune_model(model, recipe, calibration, progress=progress, windows=windows, weights=weights)
+        result = prune_model(model, recipe, calibration, progress=progress, windows=windows, weights=weights,
+                             resume=state, checkpoint=checkpointer.commit)
         weights.finish_model()
+    checkpointer.clear()
     wall["prune"] -= sum(result.eval_seconds.values())  # evaluation inside the loop is reported apart
     for stage, seconds in zip(recipe.stages, result.stage_seconds):
         wall[f"stage_{stage.kind}"] = wall.get(f"stage_{stage.kind}", 0.0) + seconds

@@ -21,6 +21,7 @@ from torch import nn
 
 from .blocks import find_blocks
 from .errors import InputError
+from .outputs import kill_point
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,7 +44,6 @@ class ShardReader:
             for path in sorted(self.folder.glob("*.safetensors")):
                 with safe_open(path, framework="pt") as f:
                     self.where.update({name: path for name in f.keys()})
-        self._open: dict[Path, object] = {}
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -53,9 +53,8 @@ class ShardReader:
         path = self.where.get(name)
         if path is None:
             raise ShardError(f"{self.folder}: the checkpoint has no tensor {name}")
-        if path not in self._open:
-            self._open[path] = safe_open(path, framework="pt")
-        return self._open[path].get_tensor(name)
+        with safe_open(path, framework="pt") as f:  # not kept open: an open file's touched pages stay resident
+            return f.get_tensor(name)
 
     def check_finite(self, names: list[str]) -> None:
         """ShardError-like ModelSourceError naming the first floating tensor with NaN or Inf, read one at a time."""
@@ -168,6 +167,7 @@ class ShardWriter:
         path = self.folder / self.file_name(shard)
         tmp = path.with_name(path.name + ".partial")
         save_file({n: t.detach().contiguous() for n, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        kill_point(f"shard-{shard}")
         os.replace(tmp, path)
 
     def finish(self) -> None:
@@ -243,3 +243,5 @@ class StreamedWeights(InMemoryWeights):
         rest = {n: t for n, t in unique_state(self.model).items() if not n.startswith(path + ".")}
         self.writer.write(self.writer.shards - 1, rest)
         self.writer.finish()
+        for stray in self.writer.folder.glob("*.partial"):  # left by a kill mid-write before a resume
+            stray.unlink()
