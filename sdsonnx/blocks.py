@@ -193,13 +193,20 @@ def _to(value, device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Apply one block to every segment of hidden [n, L, d], one segment at a time; returns [n, L, d]."""
+def run_block(block: nn.Module, hidden, kwargs: dict, out_dtype: torch.dtype | None = None, store=None,
+              keep: bool = True):
+    """Apply one block to every segment of hidden [n, L, d], one segment at a time; returns [n, L, d] (a tensor,
+    or a streams.DiskStream where `store` places it beyond its memory budget), or None when not `keep`."""
     param = next(block.parameters())
     kw = {k: _to(v, param.device, param.dtype) for k, v in kwargs.items()}
-    outputs = []
-    for row in hidden:
+    output = None
+    for i, row in enumerate(hidden):
         out = block(row[None].to(param.device, param.dtype), **kw)
-        out = out[0] if isinstance(out, tuple) else out
-        outputs.append(out.to("cpu", out_dtype or hidden.dtype))
-    return torch.cat(outputs)
+        if not keep:
+            continue
+        out = (out[0] if isinstance(out, tuple) else out)[0].to("cpu", out_dtype or hidden.dtype)
+        if output is None:
+            shape, dtype = (len(hidden), *out.shape), out.dtype
+            output = torch.empty(shape, dtype=dtype) if store is None else store.empty(shape, dtype)
+        output[i] = out
+    return output

@@ -70,7 +70,14 @@ def main(verbose: bool) -> None:
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run of the same recipe, model and data from its last complete block "
                    "(kept in the output's hidden work area); refused (exit 2) when any of them changed.")
-def run(recipe: str, output: str | None, no_progress: bool, force: bool, resume: bool) -> None:
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Hidden-state streams kept in RAM, e.g. 6GiB (overrides the recipe's memory_budget); the rest "
+                   "goes to files in the output's work area.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print the predicted peak memory, disk and time per block from the model's config and the recipe "
+                   "(no weights loaded, nothing written) and exit.")
+def run(recipe: str, output: str | None, no_progress: bool, force: bool, resume: bool, max_memory: str | None,
+        plan_only: bool) -> None:
     """Prune the model of RECIPE (a YAML file) stage by stage; write checkpoint, recipe and report.json."""
     from pathlib import Path
 
@@ -78,7 +85,12 @@ def run(recipe: str, output: str | None, no_progress: bool, force: bool, resume:
     from .run import run_recipe
     from .summary import run_summary
 
-    parsed = load_recipe(recipe, {"output": output})
+    parsed = load_recipe(recipe, {"output": output, "memory_budget": max_memory})
+    if plan_only:
+        from .plan import format_plan, plan_run
+
+        click.echo(format_plan(plan_run(parsed)))
+        return
     out = Path(parsed.output or Path("runs") / Path(recipe).stem)
     report = run_recipe(parsed, out, recipe, progress=not no_progress, force=force, resume=resume)
     click.echo(run_summary(report))

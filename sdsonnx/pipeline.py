@@ -39,6 +39,7 @@ from .recipe import PruneStage, Recipe, RecipeError
 from .report import ModuleRecord, StageRecord
 from .resume import LoopState
 from .shards import InMemoryWeights
+from .streams import StreamStore
 from .stages import STAGES, ModuleContext
 from .stats import LayerStats, output_error
 
@@ -132,11 +133,13 @@ def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch
 
 
 def collect_stats_and_output(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict,
-                             keep_inputs: bool = False) -> tuple[dict[str, LayerStats], torch.Tensor]:
-    """collect_stats, plus the block's output [n, L, d] of that same pass (the next block's input)."""
+                             keep_inputs: bool = False, store: StreamStore | None = None, keep_output: bool = True
+                             ) -> tuple[dict[str, LayerStats], torch.Tensor | None]:
+    """collect_stats, plus the block's output [n, L, d] of that same pass (the next block's input; None when not
+    `keep_output`)."""
     stats = {name: LayerStats(mod.in_features, keep_inputs=keep_inputs) for name, mod in linears.items()}
     with _collecting(block, linears, stats):
-        out = run_block(block, hidden, kwargs)
+        out = run_block(block, hidden, kwargs, store=store, keep=keep_output)
     return stats, out
 
 
@@ -172,6 +175,7 @@ class EvalStreams:
     hidden: dict[int, torch.Tensor]
     kwargs: list[dict]
     tuple_output: bool | None = None
+    store: StreamStore = field(default_factory=StreamStore)
 
     def advance(self, versions, block: nn.Module, index: int) -> None:
         """Run the windows' hidden states of each of `versions` through `block` (holding that version's weights)."""
@@ -179,7 +183,10 @@ class EvalStreams:
         handle = block.register_forward_hook(lambda m, args, out: seen.append(isinstance(out, tuple)))
         try:
             for version in versions:
-                self.hidden[version] = run_block(block, self.hidden[version], self.kwargs[index])
+                old = self.hidden[version]
+                self.hidden[version] = run_block(block, old, self.kwargs[index], store=self.store)
+                if all(h is not old for h in self.hidden.values()):
+                    self.store.release(old)
         finally:
             handle.remove()
         if seen:
@@ -206,14 +213,16 @@ def version_name(recipe: Recipe, version: int) -> str:
 
 def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, progress: bool = True,
                 windows: torch.Tensor | None = None, weights: InMemoryWeights | None = None,
-                resume: LoopState | None = None, checkpoint: Callable[[LoopState], None] | None = None
-                ) -> PipelineResult:
+                resume: LoopState | None = None, checkpoint: Callable[[LoopState], None] | None = None,
+                store: StreamStore | None = None) -> PipelineResult:
     """Apply the recipe's stages to `model` block by block; calibration is [parts * n, L] token ids. With
     `windows` [k, W] the perplexities of eval_versions(recipe) are measured on the way (result.perplexity).
     `weights` gives each block its weights and takes its final ones (default: the model holds them all and is
     modified in place; shards.StreamedWeights: read from and written to safetensors shards). `checkpoint` is
-    called with the loop's state after every block; `resume` (such a state) continues from its next block."""
+    called with the loop's state after every block; `resume` (such a state) continues from its next block.
+    `store` places the streams (RAM up to a memory budget, files beyond it; default: all in RAM)."""
     weights = weights or InMemoryWeights()
+    store = store or StreamStore()
     device = resolve_device(recipe.device)
     _, blocks = find_blocks(model)
     targets = target_linears(model, recipe.targets, recipe.ignore)
@@ -229,26 +238,30 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
     ev = None
     if versions_measured:
         captured = capture_block_inputs(model, windows, model.get_input_embeddings().weight.dtype)
-        ev = EvalStreams(windows, {v: captured.hidden for v in versions_measured}, captured.kwargs)
+        ev = EvalStreams(windows, {v: captured.hidden for v in versions_measured}, captured.kwargs, store=store)
+        del captured
     if resume is not None:
-        streams = resume.streams
+        streams = {k: store.adopt(t) for k, t in resume.streams.items()}
         result.modules, result.stage_seconds, result.eval_seconds = resume.modules, resume.stage_seconds, \
             resume.eval_seconds
         result.block_sparsity, result.figure_versions = resume.block_sparsity, resume.figure_versions
         if ev is not None:
-            ev.hidden, ev.tuple_output = resume.eval_hidden, resume.tuple_output
+            ev.hidden = {v: store.adopt(t) for v, t in resume.eval_hidden.items()}
+            ev.tuple_output = resume.tuple_output
         log.info("resuming at block %d of %d", resume.next_block, len(blocks))
     elif first.profile == "owl":
         result.block_sparsity = owl_block_sparsity(blocks, targets, inputs.hidden, inputs.kwargs, first, device, weights)
         log.info("OWL block sparsity: %s", ", ".join(f"{s:.3f}" for s in result.block_sparsity))
+    block_kwargs = inputs.kwargs
+    del inputs  # its hidden states live on only as the streams (views) until block 0 replaces them
 
     start = 0 if resume is None else resume.next_block
     for index in tqdm(range(start, len(blocks)), initial=start, total=len(blocks), desc="Pruning blocks",
                       disable=not progress):
         block = blocks[index]
         weights.load(index, block)
-        streams = _process_block(recipe, index, block, targets[index], streams, inputs.kwargs[index], ev,
-                                 versions_measured, device, result)
+        streams = _process_block(recipe, index, block, targets[index], streams, block_kwargs[index], ev,
+                                 versions_measured, device, result, store)
         weights.finish(index, block)
         if checkpoint is not None:
             checkpoint(LoopState(index + 1, streams, {} if ev is None else ev.hidden,
@@ -265,29 +278,32 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
 
 def _process_block(recipe: Recipe, index: int, block: nn.Module, linears: dict[str, nn.Linear],
                    streams: dict[StreamKey, torch.Tensor], kwargs: dict, ev: EvalStreams | None,
-                   versions_measured: list[int], device: torch.device, result: PipelineResult
-                   ) -> dict[StreamKey, torch.Tensor]:
+                   versions_measured: list[int], device: torch.device, result: PipelineResult,
+                   store: StreamStore) -> dict[StreamKey, torch.Tensor]:
     """One block of the loop: every stage, then every stream (calibration and evaluation) advanced through it
     with its version's weights; the block ends holding its final weights in its storage dtype on the CPU.
-    Returns the advanced calibration streams."""
+    Returns the advanced calibration streams (the old ones are released to `store`)."""
     if not linears:
         if ev is not None:
             _timed_eval(result, ev, versions_measured, block, index, recipe)
-        return {k: run_block(block, h, kwargs) for k, h in streams.items()}
+        out = {k: run_block(block, h, kwargs, store=store) for k, h in streams.items()}
+        for old in streams.values():
+            store.release(old)
+        return out
     storage_dtype = next(block.parameters()).dtype
     if ev is not None and 0 in versions_measured:
         _timed_eval(result, ev, [0], block, index, recipe)
     block.to(device, torch.float32)
-    versions, advanced = _run_stages(recipe, index, block, linears, streams, kwargs, result)
+    versions, advanced = _run_stages(recipe, index, block, linears, streams, kwargs, result, store)
     out = {}
     for key in streams:
         if key in advanced:
             out[key] = advanced[key]
-            continue
-        _set_weights(linears, versions[key.version])
-        out[key] = run_block(block, streams[key], kwargs)
-    for key, hidden in out.items():
-        check_finite_activations(hidden, index, key, recipe.activation_dtype)
+        else:
+            _set_weights(linears, versions[key.version])
+            out[key] = run_block(block, streams[key], kwargs, store=store)
+        store.release(streams[key])
+        check_finite_activations(out[key], index, key, recipe.activation_dtype)
     block.to("cpu", storage_dtype)
     for version in (v for v in versions_measured if v > 0):
         _set_weights(linears, versions[version])
@@ -327,8 +343,8 @@ def check_finite_inputs(stats, block: int, name: str, stage: int, kind: str) -> 
 
 
 def check_finite_activations(hidden: torch.Tensor, block: int, key: StreamKey, dtype: str) -> None:
-    """NumericalError naming the block whose output hidden states [n, L, d] have NaN/Inf."""
-    if not bool(torch.isfinite(hidden).all()):
+    """NumericalError naming the block whose output hidden states [n, L, d] have NaN/Inf (checked per segment)."""
+    if not all(bool(torch.isfinite(row).all()) for row in hidden):
         raise NumericalError(f"block {block}: NaN/Inf in its output activations (model version {key.version}, "
                              f"calibration part {key.part}, activation_dtype {dtype}); check the block's weights for "
                              "NaN/Inf, or use activation_dtype: float32")
@@ -353,8 +369,8 @@ def stage_with_fallbacks(stage, w: torch.Tensor, ctx: ModuleContext) -> tuple[to
 
 
 def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str, nn.Linear],
-                streams: dict[StreamKey, torch.Tensor], kwargs: dict,
-                result: PipelineResult) -> tuple[list[dict], dict[StreamKey, torch.Tensor]]:
+                streams: dict[StreamKey, torch.Tensor], kwargs: dict, result: PipelineResult,
+                store: StreamStore | None = None) -> tuple[list[dict], dict[StreamKey, torch.Tensor]]:
     """All stages on one block; returns the weight versions [dense, after stage 1, ...] and the streams already
     advanced through the block: a stage that reads stream version i with input weights version i (the re-dense
     stage on SD data) has run exactly the pass that advances that stream, so it is not run twice."""
@@ -366,8 +382,9 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
         _set_weights(linears, versions[i])
         keep_inputs = getattr(stage, "solver", None) == "sgd"
         key = stream_key(recipe, i)
-        stats, block_output = collect_stats_and_output(block, linears, streams[key], kwargs, keep_inputs)
-        if key.version == i:
+        keep = key.version == i and key not in advanced
+        stats, block_output = collect_stats_and_output(block, linears, streams[key], kwargs, keep_inputs, store, keep)
+        if keep:
             advanced[key] = block_output
         del block_output
         out = {}

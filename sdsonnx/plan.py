@@ -10,9 +10,9 @@ What a streaming run (sdsonnx/shards.py, pipeline.prune_model) holds at its peak
   LlamaForCausalLM"`, torch 2.13 CPU, transformers 4.57.6, Linux x86-64: 352,756 KiB), plus the texts the data
   sources keep (TEXT_BYTES: wiki-extracts measured, both parts, 50 MB; hub sources estimated) and the heap left
   by tokenising the whole evaluation part (TOKENIZE_BYTES_PER_TOKEN, measured);
-- the source checkpoint's pages mapped by the shard reader (`mapped_bytes`; default every kept tensor: the
-  reader keeps each shard's memory map open and the NaN/Inf check reads every tensor, and resident file pages of
-  a mapping count in RSS);
+- the source checkpoint's pages mapped by the shard reader (`mapped_bytes`; default one block in storage dtype:
+  a loaded tensor stays backed by the file's memory map, which counts in RSS, until the block is cast to float32;
+  the reader opens a file per tensor and closes it, so nothing else stays mapped);
 - non-block weights in storage dtype: embedding V d, LM head V d unless tied, final norm (and whatever else lies
   outside the decoder blocks);
 - one decoder block in float32 (its storage-dtype copy lives only while it loads), plus (stages + 1) float32
@@ -25,9 +25,8 @@ What a streaming run (sdsonnx/shards.py, pipeline.prune_model) holds at its peak
 - the largest of the block's working phases (`RunPlan.phases`): a solver (one float32 Gram d_in x d_in per
   distinct Linear input, q/k/v sharing one and gate/up another, plus the working copies of the most demanding
   stage and Linear, SOLVER_WORK, measured); a statistics pass (the Grams, float32 activations of one segment
-  `forward_bytes`, and the pass's output: run_block keeps every segment's output, then concatenates them,
-  STREAM_OUTPUT_COPIES); a calibration stream advance (the new stream next to the old one, plus NAN_CHECK_COPIES
-  streams of temporaries of the NaN/Inf check on the whole stream, measured); an evaluation stream advance;
+  `forward_bytes`, and the pass's output, STREAM_OUTPUT_COPIES streams); a calibration stream advance (the new
+  stream next to the old one, plus NAN_CHECK_COPIES); an evaluation stream advance;
 - the LM head phase (after the last block): evaluation streams, non-block weights and LOGIT_COPIES float32
   [window, V] logits; the peak is the larger of the block phase and this phase.
 A memory budget moves the streams (calibration + evaluation, not the transients) beyond it from RAM to disk.
@@ -52,7 +51,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .recipe import Recipe
+from .recipe import Recipe, parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +77,10 @@ OUTPUT_LEAVES = {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "d
 # 9.30 W, second_prune (sparsegpt, adjust) 7.31 H + 13.38 W; magnitude taken as wanda.
 SOLVER_WORK = {"sparsegpt": (7.5, 4.0), "wanda": (1.25, 4.0), "magnitude": (1.25, 4.0), "redense": (1.5, 9.5),
                "second_prune": (7.5, 13.5)}
-STREAM_OUTPUT_COPIES = 2  # run_block: the list of per-segment outputs and their concatenation
-NAN_CHECK_COPIES = 2  # pipeline.check_finite_activations on a whole float16 stream: +2 streams of peak (measured)
-# pipeline.prune_model keeps `inputs` (the captured block-0 calibration hidden states, all parts) and `captured`
-# (the evaluation windows') referenced for its whole loop: one more stream of each. False once it drops them.
-HOLDS_CAPTURED_INPUTS = True
+STREAM_OUTPUT_COPIES = 1  # run_block writes each segment's output into one preallocated stream
+NAN_CHECK_COPIES = 0  # pipeline.check_finite_activations checks one segment at a time
+# pipeline.prune_model drops the captured block-0 inputs once the streams replace them
+HOLDS_CAPTURED_INPUTS = False
 # Solver time beyond its FLOPs, fitted on this project's 2-core x86 host (torch 2.13, 1 thread, matmul ~105 GFLOP/s;
 # 7 SparseGPT shapes d_in 512-6144 fitted within 10%, redense/adjust on 4 shapes within 3%):
 SPARSEGPT_LOOP = (1.26e-4, 1.06e-7)  # seconds per column, and per column and row, of SparseGPT's column loop
@@ -148,19 +146,6 @@ class RunPlan:
     total_seconds: float
     memory_budget: int | None = None
     assumptions: list[str] = field(default_factory=list)
-
-
-def parse_bytes(value: int | str | None) -> int | None:
-    """'8GiB', '8G', '8GB', '500MiB', 1234 -> bytes (binary units for G/GiB/M/MiB/K/KiB; GB/MB/KB decimal)."""
-    if value is None or isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B?)\s*", str(value), re.IGNORECASE)
-    if not match:
-        raise ValueError(f"not a byte size: {value!r} (e.g. 8GiB, 500MB, 1234)")
-    number, prefix, suffix = float(match[1]), match[2].upper(), match[3]
-    power = "KMGT".index(prefix) + 1 if prefix else 0
-    base = 1000 if suffix.upper() == "B" and prefix else 1024
-    return int(number * base ** power)
 
 
 def input_groups(names: list[str], d_in: list[int]) -> list[str]:
@@ -362,7 +347,7 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
         "baseline (python, torch, transformers)": BASELINE_BYTES,
         "texts of the data sources": text_bytes(recipe),
         "tokenising the evaluation part": tokenize_bytes(recipe),
-        "source checkpoint pages mapped": shape.params * storage if mapped_bytes is None else mapped_bytes,
+        "source checkpoint pages mapped": shape.block_params[biggest] * storage if mapped_bytes is None else mapped_bytes,
         "non-block weights": shape.nonblock_params * storage,
         "block weights (float32)": shape.block_params[biggest] * F32,
         "weight versions (float32)": (len(recipe.stages) + 1) * target_params * F32,

@@ -194,6 +194,19 @@ class Export(_Strict):
     validate_artifact: bool = Field(True, alias="validate")
 
 
+def parse_bytes(value: int | str | None) -> int | None:
+    """'8GiB', '8G', '8GB', '500MiB', 1234 -> bytes (binary units for G/GiB/M/MiB/K/KiB; GB/MB/KB decimal)."""
+    if value is None or isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B?)\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not a byte size: {value!r} (e.g. 8GiB, 500MB, 1234)")
+    number, prefix, suffix = float(match[1]), match[2].upper(), match[3]
+    power = "KMGT".index(prefix) + 1 if prefix else 0
+    base = 1000 if suffix.upper() == "B" and prefix else 1024
+    return int(number * base ** power)
+
+
 class Recipe(_Strict):
     model: str = Field(description="smollm2-135m | local HF dir | file.gguf | hub id")
     num_blocks: int | None = Field(None, gt=0, description="Keep only the first k decoder blocks (tests, quick runs).")
@@ -201,6 +214,10 @@ class Recipe(_Strict):
     activation_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype of stored calibration activations between blocks.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    memory_budget: int | None = Field(
+        None, ge=0, description="Bytes of hidden-state streams (calibration and evaluation) kept in RAM, e.g. 4GiB; "
+                                "streams beyond it go to files in the output's work area (None: all in RAM). "
+                                "`sdsonnx run --max-memory` overrides it.")
     calibration: Calibration = Calibration()
     evaluation: Evaluation | None = Evaluation()
     targets: list[str] | None = Field(None, description="Regexes of module names to prune (None: every Linear in the decoder blocks).")
@@ -219,6 +236,7 @@ class Recipe(_Strict):
                            "code; off by default.")
 
     _re = field_validator("targets", "ignore")(lambda v: v if v is None else [_check_regex(x) for x in v])
+    _bytes = field_validator("memory_budget", mode="before")(lambda v: parse_bytes(v) if isinstance(v, str) else v)
 
     @model_validator(mode="after")
     def _stage_order(self) -> "Recipe":

@@ -29,6 +29,7 @@ import numpy as np
 from .errors import InputError
 from .outputs import kill_point
 from .report import ModuleRecord, _plain
+from .streams import stream_bytes
 
 FORMAT = 1
 FOLDER = "resume"
@@ -78,10 +79,12 @@ def write_raw(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, list]:
     layout, offset = {}, 0
     with open(path, "wb") as f:
         for name, tensor in tensors.items():
-            flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            f.write(memoryview(flat))
+            rows = [tensor] if isinstance(tensor, torch.Tensor) else tensor  # a DiskStream: row by row
+            for part in rows:
+                flat = part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(memoryview(flat))
             layout[name] = [str(tensor.dtype).removeprefix("torch."), list(tensor.shape), offset]
-            offset += flat.nbytes
+            offset += stream_bytes(tensor)
         f.flush()
         os.fsync(f.fileno())
     return layout

@@ -23,6 +23,7 @@ from .preflight import check_recipe
 from .recipe import Recipe
 from .resume import Checkpointer, identity
 from .shards import ShardWriter, StreamedWeights
+from .streams import StreamStore
 from .report import (CalibrationRecord, DataRecord, DataUseRecord, EvaluationRecord, ExportRecord, FigureRecord,
                      HostRecord, RunReport, ValidationRecord, write_report)
 
@@ -116,18 +117,22 @@ def _run_into(recipe: Recipe, work: Path, output: Path, progress: bool, texts: d
         model, reader, tokenizer, folder = open_streamed(recipe.model, dtype, recipe.num_blocks, work,
                                                          recipe.trust_remote_code, recipe.allow_pickle)
         calibration, windows, data = tokens or recipe_tokens(recipe, tokenizer, texts, recipe_path)
-    checkpointer = Checkpointer(work, identity(recipe.digest(), folder, calibration, windows))
+    same_results = recipe.model_copy(update={"memory_budget": None, "output": None})  # neither changes a weight
+    checkpointer = Checkpointer(work, identity(same_results.digest(), folder, calibration, windows))
     state = checkpointer.load() if resume else None
     if resume and state is None:
         log.info("%s: no finished block to resume from; starting at block 0", output)
 
     _, blocks = find_blocks(model)
     weights = StreamedWeights(model, reader, ShardWriter(work, len(blocks) + 1), dtype)
+    (work / "streams").mkdir(exist_ok=True)
+    store = StreamStore(recipe.memory_budget, work / "streams")
     with timed(wall, "prune"):
         result = prune_model(model, recipe, calibration, progress=progress, windows=windows, weights=weights,
-                             resume=state, checkpoint=checkpointer.commit)
+                             resume=state, checkpoint=checkpointer.commit, store=store)
         weights.finish_model()
     checkpointer.clear()
+    shutil.rmtree(work / "streams", ignore_errors=True)
     wall["prune"] -= sum(result.eval_seconds.values())  # evaluation inside the loop is reported apart
     for stage, seconds in zip(recipe.stages, result.stage_seconds):
         wall[f"stage_{stage.kind}"] = wall.get(f"stage_{stage.kind}", 0.0) + seconds
