@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -263,10 +264,13 @@ def run_case(folder: str | Path, method: str, num_blocks: int | None, workdir: s
     report = json.loads((out / "report.json").read_text())
     blocks_run = min(num_blocks or shape["blocks"], shape["blocks"])
     shown = f"sdsonnx run {recipe_path.name} --output {out.name} --no-progress"
-    return make_record(report, method=method, shape=shape, blocks_run=blocks_run, process_seconds=seconds,
-                       process_peak_rss=parse_max_rss(proc.stderr),
-                       predicted={"peak_rss_bytes": plan.peak_rss_bytes, "seconds_per_block": plan.seconds_per_block},
-                       command=shown, commit=commit)
+    record = make_record(report, method=method, shape=shape, blocks_run=blocks_run, process_seconds=seconds,
+                         process_peak_rss=parse_max_rss(proc.stderr),
+                         predicted={"peak_rss_bytes": plan.peak_rss_bytes, "seconds_per_block": plan.seconds_per_block},
+                         command=shown, commit=commit)
+    record["memory_budget"] = recipe_options.get("memory_budget")
+    record["load_average_after"] = round(os.getloadavg()[0], 2)  # > cores: times are slowed by other work
+    return record
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -300,11 +304,17 @@ def main(argv: list[str] | None = None) -> None:
                                     length=args.length, eval_tokens=args.eval_tokens,
                                     memory_budget=args.memory_budget))
             print(json.dumps(records[-1], indent=2), flush=True)
-    doc = {"command": "tools/scale_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "records": records}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-    print(table(records))
+    command = "tools/scale_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for record in records:
+        record["bench_command"] = command
+    path = Path(args.json)
+    old = json.loads(path.read_text())["records"] if path.is_file() else []
+    key = lambda r: json.dumps([r.get("method"), r.get("blocks_run"), r.get("calibration"), r.get("memory_budget")])
+    merged = {key(r): r for r in old}
+    merged.update({key(r): r for r in records})  # a re-run of the same case replaces its record
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"records": list(merged.values())}, indent=2) + "\n")
+    print(table(list(merged.values())))
 
 
 if __name__ == "__main__":
