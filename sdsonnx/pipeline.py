@@ -7,17 +7,19 @@ SparseGPT's sequential pruning; `sparse` = the first prune's output model, the p
 the unpruned model, DD), optionally on its own calibration part (MSD). Only the streams some stage needs
 are kept and advanced.
 
-Per block:  1. load the block in float32 on the working device;
+Per block:  0. weights.load: the block's weights (read from the source shards when streaming, sdsonnx/shards.py);
+            1. cast the block to float32 on the working device;
             2. for each stage: set the stage's input weights, run the block over the stage's stream with
                hooks that accumulate X X^T of every target Linear's input, apply the stage function;
             3. advance each stream through the block with that stream's version of the weights (reusing the
                output of step 2 where a stage already ran that very pass);
-            4. keep the final weights, cast the block back to its storage dtype.
+            4. keep the final weights, cast the block back to its storage dtype, advance the evaluation streams
+               (one per reported version), weights.finish (write its shard, free it), commit the state (resume).
 Within a block every target Linear's statistics come from one pass with the stage's input weights (as the
 reference SparseGPT does), not from sequential groups q/k/v -> o -> gate/up -> down.
 
-The loop's state between blocks is just (block index, streams): per-block checkpoint/resume and streaming
-weights from disk one block at a time fit in by saving/loading that state and the finished blocks.
+The loop's state between blocks is (block index, streams, records): sdsonnx/resume.py commits it after every
+block and `run --resume` continues from it. docs/DESIGN.md, "Streaming, memory budget and resume".
 """
 from __future__ import annotations
 
