@@ -71,6 +71,16 @@ def run_over_existing(tmp: Path) -> list[str]:
     return args
 
 
+def resume_another_run(tmp: Path) -> list[str]:
+    """--resume into a work area whose committed state came from another recipe/model/data."""
+    args = data_recipe({"eval.txt": GOOD}, evaluation="eval.txt")(tmp)
+    state = tmp / ".out.sdsonnx-work" / "resume"
+    state.mkdir(parents=True)
+    identity = {"recipe_hash": "0" * 64, "model": ["elsewhere", []], "calibration": "0", "windows": "0"}
+    (state / "state.json").write_text(json.dumps({"format": 1, "identity": identity, "next_block": 1}))
+    return [*args, "--resume"]
+
+
 def bench_over_existing(tmp: Path) -> list[str]:
     (tmp / "results").mkdir()
     return ["bench", str(tmp / "artifact"), "--output", str(tmp / "results")]
@@ -87,6 +97,9 @@ CASES = [
          r"{tmp}/out already exists: pass --force to replace it"),
     case("output", "output-exists-run", "an existing run output without --force", run_over_existing,
          r"{tmp}/out already exists: pass --force to replace it"),
+    case("output", "resume-another-run", "run --resume over a work area left by another recipe, model and data",
+         resume_another_run, r"{tmp}/\.out\.sdsonnx-work/resume/state\.json: cannot resume: recipe_hash and model "
+         r"and calibration and windows changed"),
     case("output", "output-exists-bench", "an existing bench output without --force", bench_over_existing,
          r"{tmp}/results already exists: pass --force to replace it"),
 ]
