@@ -214,8 +214,8 @@ def _duration(seconds: float) -> str:
 def table(records: list[dict]) -> str:
     """Markdown Scale table: shape, method, blocks run, calibration, peak RSS (and the plan's), seconds per block,
     whole-model time (projected where fewer blocks ran), export and validation peak where measured."""
-    lines = ["| model shape | method | blocks run | calibration | peak RSS | plan | s / block | whole model | "
-             "export / validation peak |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model shape | method | blocks run | calibration | memory budget | peak RSS | plan | s / block | "
+             "whole model | export / validation peak | load avg | commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         plan = f"{r['predicted_peak_bytes'] / GIB:.2f} GiB ({r['peak_vs_plan']:+.0%})" \
             if "predicted_peak_bytes" in r else "-"
@@ -223,8 +223,9 @@ def table(records: list[dict]) -> str:
         export = " / ".join(f"{r[k] / GIB:.2f} GiB" for k in ("export_peak_rss_bytes", "validate_peak_rss_bytes")
                             if r.get(k) is not None) or "-"
         lines.append(f"| {r['shape']} | {r['method']} | {r['blocks_run']} of {r['blocks']} | {r['calibration']} | "
-                     f"{r['peak_rss_bytes'] / GIB:.2f} GiB | {plan} | {r['seconds_per_block']:.1f} | {whole} | "
-                     f"{export} |")
+                     f"{r.get('memory_budget') or 'none'} | {r['peak_rss_bytes'] / GIB:.2f} GiB | {plan} | "
+                     f"{r['seconds_per_block']:.1f} | {whole} | {export} | {r.get('load_average_after', '-')} | "
+                     f"{r.get('commit', '-')} |")
     return "\n".join(lines)
 
 
