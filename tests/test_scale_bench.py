@@ -105,4 +105,4 @@ def test_record_from_a_fake_report():
     text = scale_bench.table([record, fallback])
     lines = text.splitlines()
     assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == 13
-    assert "| sparsegpt | 2 of 32 | 16 x 512 | 2.00 GiB | 2.50 GiB (-20%) | 22.0 | 12.0 min (projected) |" in lines[2]
+    assert "| sparsegpt | 2 of 32 | 16 x 512 | none | 2.00 GiB | 2.50 GiB (-20%) | 22.0 | 12.0 min (projected) |" in lines[2]
