@@ -36,14 +36,17 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tens
     """
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("SparseGPT: the Hessian has non-finite entries (NaN/inf in the calibration inputs?)")
-    d = hessian.shape[0]
-    eye = torch.eye(d, device=hessian.device, dtype=hessian.dtype)
     scale = max(float(torch.diag(hessian).abs().mean()), 1e-12)
     damp = max(percdamp, 1e-8) * scale
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        damped = hessian.clone()
+        damped.diagonal().add_(damp)  # H + damp I without an identity matrix (memory: d x d floats each)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            factor = _cholesky_upper(torch.cholesky_inverse(lower))
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            factor = _cholesky_upper(inverse)
             if factor is not None:
                 return factor
         if attempt < MAX_DAMP_RETRIES:
