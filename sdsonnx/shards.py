@@ -57,7 +57,8 @@ class ShardReader:
             return f.get_tensor(name)
 
     def check_finite(self, names: list[str]) -> None:
-        """ShardError-like ModelSourceError naming the first floating tensor with NaN or Inf, read one at a time."""
+        """ModelSourceError naming the first floating tensor with NaN or Inf (as models.check_finite), read one at a
+        time."""
         from .models import ModelSourceError
 
         for name in names:
@@ -140,7 +141,6 @@ def _tied_head(model: nn.Module, name: str) -> bool:
 
 def streamable(reader: ShardReader, model: nn.Module) -> bool:
     """True when the checkpoint names every parameter of the skeleton (tied head aside), as the loop reads it."""
-    path, blocks = find_blocks(model)
     wanted = [n for n, _ in model.named_parameters()]
     return all(n in reader.where or _tied_head(model, n) for n in wanted)
 
