@@ -41,9 +41,20 @@ def satisfies_pattern(w: torch.Tensor, pattern: Pattern, per_row: bool = True) -
 def _reselect(v: torch.Tensor, pattern: Pattern, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft mask: keep the largest |V| the pattern allows, the exact projection onto the pattern; (V * mask, mask).
 
-    Pruned entries are written as +0.0 (torch.where), never the -0.0 that V * mask leaves for negative V."""
-    mask = keep_largest(v.abs(), pattern, per_row)
-    return torch.where(mask, v, 0.0), mask
+    Pruned entries are written as +0.0, never the -0.0 that V * mask leaves for negative V."""
+    return _reselect_(v.clone(), pattern, per_row)
+
+
+def _reselect_(v: torch.Tensor, pattern: Pattern, per_row: bool, rows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """_reselect written into v itself; returns (v, mask). Row-local patterns (n:m, per row) select `rows` rows
+    at a time, so |V| and topk's buffers are a slice, not weight-sized (the same mask: groups are independent)."""
+    if pattern.is_nm or per_row:
+        mask = torch.empty_like(v, dtype=torch.bool)
+        for i in range(0, v.shape[0], rows):
+            mask[i:i + rows] = keep_largest(v[i:i + rows].abs(), pattern, per_row)
+    else:
+        mask = keep_largest(v.abs(), pattern, per_row)
+    return v.masked_fill_(~mask, 0.0), mask
 
 
 def soft_mask_adjust(w_dense: torch.Tensor, w_pruned: torch.Tensor, hessian: torch.Tensor, pattern: Pattern,
@@ -63,18 +74,34 @@ def soft_mask_adjust(w_dense: torch.Tensor, w_pruned: torch.Tensor, hessian: tor
     h = hessian.float().to(w_dense.device)
     diag = torch.diagonal(h)
     scale = torch.where(diag > 0, diag.clamp_min(0).sqrt(), torch.ones_like(diag)) if precondition else torch.ones_like(diag)
-    hs = h / scale[:, None] / scale[None, :]  # H in scaled coordinates; R(W) = tr((V - V_d) hs (V - V_d)^T)
+    hs = (h / scale[:, None]).div_(scale[None, :])  # H in scaled coordinates; R(W) = tr((V - V_d) hs (V - V_d)^T)
     v_ref = w_dense.float() * scale
     lip = 2.0 * largest_eigenvalue(hs)
     target = v_ref @ hs  # the gradient of R at V is 2 (V hs - V_dense hs)
 
     def loss(v: torch.Tensor, vh: torch.Tensor) -> float:
-        return float(((v - v_ref) * (vh - target)).sum())
+        diff = v - v_ref
+        return float(diff.mul_(vh - target).sum())
 
-    def step(v: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One gradient step from v (vh = v hs) and mask re-selection: (new V, mask, new V hs); one product."""
-        new, mask = _reselect(v - 2.0 * (vh - target) / lip, pattern, per_row)
+    def step(pair: list[torch.Tensor], own: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One gradient step from pair = [V, V hs] and mask re-selection: (new V, mask, new V hs); one product.
+
+        own: the pair is temporaries this step may overwrite and release (the list is emptied), so the step
+        V - 2 (V hs - V_dense hs) / L is built in V's own buffer. Either way the same operations in the same
+        order as the out-of-place expression, hence the same bits."""
+        v, vh = pair
+        pair.clear()
+        g = vh.sub_(target) if own else vh - target
+        del vh
+        g.mul_(2.0).div_(lip)
+        new = v.sub_(g) if own else torch.sub(v, g, out=g)
+        del v, g
+        new, mask = _reselect_(new, pattern, per_row)
         return new, mask, new @ hs
+
+    def momentum_point(a: torch.Tensor, a_prev: torch.Tensor, beta: float) -> torch.Tensor:
+        """a + beta (a - a_prev), with one weight-sized allocation."""
+        return torch.sub(a, a_prev).mul_(beta).add_(a)
 
     x = w_pruned.float().to(w_dense.device) * scale
     xh = x @ hs
@@ -86,11 +113,12 @@ def soft_mask_adjust(w_dense: torch.Tensor, w_pruned: torch.Tensor, hessian: tor
         # momentum point y = x + beta (x - x_prev) is linear in x, so y hs comes from the cached products
         t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         beta = (t - 1.0) / t_new
-        x_new, new_mask, xh_new = step(x + beta * (x - x_prev), xh + beta * (xh - xh_prev))
+        x_new, new_mask, xh_new = step([momentum_point(x, x_prev, beta), momentum_point(xh, xh_prev, beta)], own=True)
         loss_new = loss(x_new, xh_new)
         if loss_new > loss_x:  # momentum overshot: plain step from x, reset momentum
             restarts += 1
-            x_new, new_mask, xh_new = step(x, xh)
+            del x_new, xh_new
+            x_new, new_mask, xh_new = step([x, xh], own=False)
             loss_new = loss(x_new, xh_new)
             t_new = 1.0
         changes += int((new_mask != mask).sum())

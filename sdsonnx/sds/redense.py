@@ -20,8 +20,13 @@ log = logging.getLogger(__name__)
 
 def soft_threshold(x: torch.Tensor, tau: float) -> torch.Tensor:
     """Prox of tau * ||.||_1: sign(x) * max(|x| - tau, 0), elementwise; thresholded entries are +0.0, never -0.0."""
-    shrunk = torch.clamp(x.abs() - tau, min=0.0)
-    return torch.where(shrunk > 0, torch.sign(x) * shrunk, 0.0)
+    return soft_threshold_(x.clone(), tau)
+
+
+def soft_threshold_(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """soft_threshold written into x itself (one more x-sized buffer for the shrunk magnitudes); returns x."""
+    shrunk = x.abs().sub_(tau).clamp_(min=0.0)
+    return x.sign_().mul_(shrunk).masked_fill_(~(shrunk > 0), 0.0)
 
 
 def _check_inputs(w_dense: torch.Tensor, w_init: torch.Tensor, l1: float, l2: float) -> None:
@@ -56,16 +61,19 @@ def redense_gram(w_dense: torch.Tensor, w_init: torch.Tensor, hessian: torch.Ten
     x = w_init.float().to(w_ref.device).clone()
     y, t, iters, restarts = x.clone(), 1.0, 0, 0
     for iters in range(1, max_iter + 1):
-        grad = 2.0 * (y @ h_mat - target) + 2.0 * lam2 * y
-        x_new = soft_threshold(y - grad / lip, tau)
+        # y - grad / L with grad = 2 (y H - target) + 2 lambda2 y, built in one buffer (same operations, same bits)
+        g = (y @ h_mat).sub_(target).mul_(2.0).add_(2.0 * lam2 * y).div_(lip)
+        x_new = soft_threshold_(torch.sub(y, g, out=g), tau)
         step = x_new - x
-        if float(((y - x_new) * step).sum()) > 0:  # gradient restart (O'Donoghue & Candes 2015)
+        restart = float(torch.sub(y, x_new).mul_(step).sum()) > 0  # gradient restart (O'Donoghue & Candes 2015)
+        rel = float(step.norm()) / max(float(x.norm()), 1e-30)
+        if restart:
             t_new, y = 1.0, x_new
             restarts += 1
         else:
             t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-            y = x_new + ((t - 1.0) / t_new) * step
-        rel = float(step.norm()) / max(float(x.norm()), 1e-30)
+            y = step.mul_((t - 1.0) / t_new).add_(x_new)
+        del g, step
         x, t = x_new, t_new
         if rel < tol:
             break
