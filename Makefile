@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: install demo test deepsparse clean
+.PHONY: install demo test deepsparse peers clean
 
 install: $(STAMP)
 
@@ -30,5 +30,13 @@ deepsparse:
 	test -x .venv-deepsparse/bin/python || $(PYTHON) -m venv .venv-deepsparse
 	.venv-deepsparse/bin/pip install -q deepsparse==1.8.0 onnxruntime
 
+# llm-compressor 0.14 pins transformers 5.15-5.17 (optimum-onnx 0.1.0 needs <4.58): its own venv, driven in a
+# subprocess by tools/peer_bench.py. torch==2.13.0 first (the local CPU wheel; llmcompressor allows 2.10-2.14.0),
+# so the resolver keeps it and never pulls a CUDA build.
+peers:
+	test -x .venv-llmcompressor/bin/python || $(PYTHON) -m venv .venv-llmcompressor
+	.venv-llmcompressor/bin/pip install -q torch==2.13.0
+	.venv-llmcompressor/bin/pip install -q llmcompressor==0.14.0.1 torch==2.13.0
+
 clean:
-	rm -rf $(VENV) .venv-deepsparse runs
+	rm -rf $(VENV) .venv-deepsparse .venv-llmcompressor runs
