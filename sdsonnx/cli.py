@@ -81,6 +81,7 @@ def run(recipe: str, output: str | None, no_progress: bool, force: bool, resume:
     """Prune the model of RECIPE (a YAML file) stage by stage; write checkpoint, recipe and report.json."""
     from pathlib import Path
 
+    from .distributed import close, from_environment
     from .recipe import load_recipe
     from .run import run_recipe
     from .summary import run_summary
@@ -92,7 +93,11 @@ def run(recipe: str, output: str | None, no_progress: bool, force: bool, resume:
         click.echo(format_plan(plan_run(parsed)))
         return
     out = Path(parsed.output or Path("runs") / Path(recipe).stem)
-    report = run_recipe(parsed, out, recipe, progress=not no_progress, force=force, resume=resume)
+    group = from_environment()  # torchrun with several ranks: gloo process group (docs/SCALING.md)
+    report = run_recipe(parsed, out, recipe, progress=not no_progress, force=force, resume=resume, group=group)
+    close(group)  # on an error the rank exits non-zero instead and torchrun stops the others
+    if group is not None and group.rank > 0:
+        return
     click.echo(run_summary(report))
     written = ["model-*.safetensors", "recipe.resolved.yaml", "report.json"]
     written += [report["weight_figure"]["file"]] if "weight_figure" in report else []

@@ -27,7 +27,7 @@ import logging
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -42,7 +42,7 @@ from .report import ModuleRecord, StageRecord
 from .resume import LoopState
 from .shards import InMemoryWeights
 from .streams import StreamStore
-from .stages import STAGES, ModuleContext
+from .stages import ROW_SPLIT_STAGES, STAGES, ModuleContext
 from .stats import LayerStats, output_error
 
 log = logging.getLogger(__name__)
@@ -146,9 +146,10 @@ def collect_stats_and_output(block: nn.Module, linears: dict[str, nn.Linear], hi
 
 
 def owl_block_sparsity(blocks: nn.ModuleList, targets: dict[int, dict[str, nn.Linear]], hidden: torch.Tensor,
-                       kwargs: list[dict], stage: PruneStage, device: torch.device, weights: InMemoryWeights
-                       ) -> list[float]:
-    """OWL: per-block sparsity from the share of outlier Wanda scores in the dense model (one extra pass)."""
+                       kwargs: list[dict], stage: PruneStage, device: torch.device, weights: InMemoryWeights,
+                       group=None) -> list[float]:
+    """OWL: per-block sparsity from the share of outlier Wanda scores in the dense model (one extra pass; `group`:
+    each rank's statistics are all-reduced, every rank scores the whole matrices)."""
     from .prune.owl import outlier_ratio, owl_sparsities
 
     ratios = []
@@ -157,6 +158,8 @@ def owl_block_sparsity(blocks: nn.ModuleList, targets: dict[int, dict[str, nn.Li
         dtype = next(block.parameters()).dtype
         block.to(device, torch.float32)
         stats, hidden = collect_stats_and_output(block, targets[index], hidden, kwargs[index])
+        if group is not None:
+            group.reduce_stats(stats)
         scores = [mod.weight.detach().abs() * stats[name].sq_norm.sqrt() for name, mod in targets[index].items()]
         ratios.append(outlier_ratio(scores, stage.owl.threshold_m))
         block.to("cpu", dtype)
@@ -216,19 +219,23 @@ def version_name(recipe: Recipe, version: int) -> str:
 def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, progress: bool = True,
                 windows: torch.Tensor | None = None, weights: InMemoryWeights | None = None,
                 resume: LoopState | None = None, checkpoint: Callable[[LoopState], None] | None = None,
-                store: StreamStore | None = None) -> PipelineResult:
+                store: StreamStore | None = None, group=None) -> PipelineResult:
     """Apply the recipe's stages to `model` block by block; calibration is [parts * n, L] token ids. With
     `windows` [k, W] the perplexities of eval_versions(recipe) are measured on the way (result.perplexity).
     `weights` gives each block its weights and takes its final ones (default: the model holds them all and is
     modified in place; shards.StreamedWeights: read from and written to safetensors shards). `checkpoint` is
     called with the loop's state after every block; `resume` (such a state) continues from its next block.
-    `store` places the streams (RAM up to a memory budget, files beyond it; default: all in RAM)."""
+    `store` places the streams (RAM up to a memory budget, files beyond it; default: all in RAM). `group`
+    (sdsonnx/distributed.RankGroup, several ranks): this rank keeps its slice of every calibration part and its
+    Linears' stage work is split by rows (docs/SCALING.md); pass `windows` on one rank only."""
     weights = weights or InMemoryWeights()
     store = store or StreamStore()
     device = resolve_device(recipe.device)
     _, blocks = find_blocks(model)
     targets = target_linears(model, recipe.targets, recipe.ignore)
     act_dtype = DTYPES[recipe.activation_dtype]
+    if group is not None:
+        calibration = _rank_samples(calibration, recipe.calibration.parts, group)
     inputs = capture_block_inputs(model, calibration, act_dtype)
     first = recipe.first_prune
     result = PipelineResult(stage_seconds=[0.0] * len(recipe.stages),
@@ -252,7 +259,8 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
             ev.tuple_output = resume.tuple_output
         log.info("resuming at block %d of %d", resume.next_block, len(blocks))
     elif first.profile == "owl":
-        result.block_sparsity = owl_block_sparsity(blocks, targets, inputs.hidden, inputs.kwargs, first, device, weights)
+        result.block_sparsity = owl_block_sparsity(blocks, targets, inputs.hidden, inputs.kwargs, first, device, weights,
+                                                   group)
         log.info("OWL block sparsity: %s", ", ".join(f"{s:.3f}" for s in result.block_sparsity))
     block_kwargs = inputs.kwargs
     del inputs  # its hidden states live on only as the streams (views) until block 0 replaces them
@@ -263,7 +271,7 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
         block = blocks[index]
         weights.load(index, block)
         streams = _process_block(recipe, index, block, targets[index], streams, block_kwargs[index], ev,
-                                 versions_measured, device, result, store)
+                                 versions_measured, device, result, store, group)
         weights.finish(index, block)
         if checkpoint is not None:
             checkpoint(LoopState(index + 1, streams, {} if ev is None else ev.hidden,
@@ -278,10 +286,17 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
     return result
 
 
+def _rank_samples(calibration: torch.Tensor, parts: int, group) -> torch.Tensor:
+    """This rank's contiguous slice of every calibration part of [parts * n, L] -> [parts * n_rank, L]."""
+    per_part = calibration.shape[0] // parts
+    chunks = [calibration[p * per_part:(p + 1) * per_part] for p in range(parts)]
+    return torch.cat([chunk[group.sample_slice(per_part)] for chunk in chunks])
+
+
 def _process_block(recipe: Recipe, index: int, block: nn.Module, linears: dict[str, nn.Linear],
                    streams: dict[StreamKey, torch.Tensor], kwargs: dict, ev: EvalStreams | None,
                    versions_measured: list[int], device: torch.device, result: PipelineResult,
-                   store: StreamStore) -> dict[StreamKey, torch.Tensor]:
+                   store: StreamStore, group=None) -> dict[StreamKey, torch.Tensor]:
     """One block of the loop: every stage, then every stream (calibration and evaluation) advanced through it
     with its version's weights; the block ends holding its final weights in its storage dtype on the CPU.
     Returns the advanced calibration streams (the old ones are released to `store`)."""
@@ -296,7 +311,7 @@ def _process_block(recipe: Recipe, index: int, block: nn.Module, linears: dict[s
     if ev is not None and 0 in versions_measured:
         _timed_eval(result, ev, [0], block, index, recipe)
     block.to(device, torch.float32)
-    versions, advanced = _run_stages(recipe, index, block, linears, streams, kwargs, result, store)
+    versions, advanced = _run_stages(recipe, index, block, linears, streams, kwargs, result, store, group)
     out = {}
     for key in streams:
         if key in advanced:
@@ -370,9 +385,19 @@ def stage_with_fallbacks(stage, w: torch.Tensor, ctx: ModuleContext) -> tuple[to
     return weight, info
 
 
+def _stage_on_rows(stage, w: torch.Tensor, ctx: ModuleContext, group) -> tuple[torch.Tensor, dict]:
+    """stage_with_fallbacks on this rank's rows of W (and of the dense and first-pruned weights), then the whole
+    new W [d_out, d_in] all-gathered from every rank."""
+    rows = group.row_slice(w.shape[0])
+    local = replace(ctx, dense=ctx.dense[rows], group=group,
+                    first_pruned=None if ctx.first_pruned is None else ctx.first_pruned[rows])
+    weight, info = stage_with_fallbacks(stage, w[rows], local)
+    return group.gather_rows(weight.float().contiguous(), w.shape[0]), info
+
+
 def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str, nn.Linear],
                 streams: dict[StreamKey, torch.Tensor], kwargs: dict, result: PipelineResult,
-                store: StreamStore | None = None) -> tuple[list[dict], dict[StreamKey, torch.Tensor]]:
+                store: StreamStore | None = None, group=None) -> tuple[list[dict], dict[StreamKey, torch.Tensor]]:
     """All stages on one block; returns the weight versions [dense, after stage 1, ...] and the streams already
     advanced through the block: a stage that reads stream version i with input weights version i (the re-dense
     stage on SD data) has run exactly the pass that advances that stream, so it is not run twice."""
@@ -386,6 +411,8 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
         key = stream_key(recipe, i)
         keep = key.version == i and key not in advanced
         stats, block_output = collect_stats_and_output(block, linears, streams[key], kwargs, keep_inputs, store, keep)
+        if group is not None:
+            group.reduce_stats(stats)
         if keep:
             advanced[key] = block_output
         del block_output
@@ -396,7 +423,10 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
                                 first_prune=first)
             check_finite_inputs(stats[name], index, name, i, stage.kind)
             t0 = time.perf_counter()
-            weight, info = stage_with_fallbacks(stage, versions[i][name], ctx)
+            if group is not None and stage.kind in ROW_SPLIT_STAGES:
+                weight, info = _stage_on_rows(stage, versions[i][name], ctx, group)
+            else:
+                weight, info = stage_with_fallbacks(stage, versions[i][name], ctx)
             check_finite_weight(weight, index, name, i, stage.kind)
             out[name] = weight.float()
             record = StageRecord(stage.kind, float((weight == 0).float().mean()),

@@ -93,23 +93,33 @@ def timed(wall: dict[str, float], key: str):
 
 
 def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", progress: bool = True,
-               force: bool = False, resume: bool = False) -> dict:
+               force: bool = False, resume: bool = False, group=None) -> dict:
     """Run every stage of the recipe and write checkpoint, resolved recipe and report.json into `output`;
     returns report.json's object (RunReport.to_dict()). `output` is built in a hidden work area and renamed into
     place when complete (sdsonnx/outputs.py): an existing `output` is an OutputExistsError unless `force`.
-    `resume` continues an interrupted run from its work area's last complete block (sdsonnx/resume.py)."""
+    `resume` continues an interrupted run from its work area's last complete block (sdsonnx/resume.py).
+    `group` (sdsonnx/distributed.RankGroup, under torchrun): every rank prunes its share, rank 0 alone writes
+    `output`; other ranks work in a hidden sibling (distributed.rank_area) and return {}."""
     check_recipe(recipe, recipe_path, output)
     wall: dict[str, float] = {}
     with timed(wall, "load"):  # the data first: a text that cannot be used fails before the weights load
         texts = recipe_texts(recipe, recipe_path)
         tokenizer = local_tokenizer(recipe)
         tokens = None if tokenizer is None else recipe_tokens(recipe, tokenizer, texts, recipe_path)
+    if group is not None and group.rank > 0:
+        from .distributed import rank_work_area
+
+        with rank_work_area(output, group.rank, resume) as work:
+            return _run_into(recipe, work, Path(output).resolve(), progress, texts, recipe_path, tokens, wall, resume,
+                             group)
     with atomic_output(output, force, resume=resume) as work:
-        return _run_into(recipe, work, Path(output).resolve(), progress, texts, recipe_path, tokens, wall, resume)
+        return _run_into(recipe, work, Path(output).resolve(), progress, texts, recipe_path, tokens, wall, resume,
+                         group)
 
 
 def _run_into(recipe: Recipe, work: Path, output: Path, progress: bool, texts: dict[str, Texts],
-              recipe_path: str, tokens: tuple | None, wall: dict[str, float], resume: bool = False) -> dict:
+              recipe_path: str, tokens: tuple | None, wall: dict[str, float], resume: bool = False,
+              group=None) -> dict:
     """run_recipe's body: open the model as a skeleton whose blocks stream from its shards, prune (measuring the
     perplexities on the way) and write everything into `work` (to become `output`)."""
     dtype = DTYPES[recipe.dtype]
@@ -118,21 +128,35 @@ def _run_into(recipe: Recipe, work: Path, output: Path, progress: bool, texts: d
                                                          recipe.trust_remote_code, recipe.allow_pickle)
         calibration, windows, data = tokens or recipe_tokens(recipe, tokenizer, texts, recipe_path)
     same_results = recipe.model_copy(update={"memory_budget": None, "output": None})  # neither changes a weight
-    checkpointer = Checkpointer(work, identity(same_results.digest(), folder, calibration, windows))
+    ident = identity(same_results.digest(), folder, calibration, windows)
+    if group is None:
+        checkpointer = Checkpointer(work, ident)
+    else:
+        from .distributed import RankCheckpointer
+
+        checkpointer = RankCheckpointer(work, ident, group)
     state = checkpointer.load() if resume else None
     if resume and state is None:
         log.info("%s: no finished block to resume from; starting at block 0", output)
 
     _, blocks = find_blocks(model)
     weights = StreamedWeights(model, reader, ShardWriter(work, len(blocks) + 1), dtype)
+    if group is not None and group.rank > 0:
+        from .distributed import ReadOnlyWeights
+
+        weights, windows = ReadOnlyWeights(weights), None  # rank 0 writes the shards and evaluates
     (work / "streams").mkdir(exist_ok=True)
     store = StreamStore(recipe.memory_budget, work / "streams")
     with timed(wall, "prune"):
         result = prune_model(model, recipe, calibration, progress=progress, windows=windows, weights=weights,
-                             resume=state, checkpoint=checkpointer.commit, store=store)
+                             resume=state, checkpoint=checkpointer.commit, store=store, group=group)
         weights.finish_model()
     checkpointer.clear()
     shutil.rmtree(work / "streams", ignore_errors=True)
+    if group is not None:
+        group.barrier()  # every rank's loop is complete before rank 0 renames the output into place
+        if group.rank > 0:
+            return {}
     wall["prune"] -= sum(result.eval_seconds.values())  # evaluation inside the loop is reported apart
     for stage, seconds in zip(recipe.stages, result.stage_seconds):
         wall[f"stage_{stage.kind}"] = wall.get(f"stage_{stage.kind}", 0.0) + seconds

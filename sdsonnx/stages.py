@@ -25,13 +25,14 @@ class ModuleContext:
     stats: LayerStats  # inputs of the layer, from the stream the stage's `data` names
     pattern: Pattern  # resolved pattern of this module (overrides and OWL profile applied)
     first_prune: PruneStage  # the recipe's first prune stage: the second prune reuses its method and options
+    group: object | None = None  # distributed.RankGroup when W, dense and first_pruned are this rank's rows
 
 
 def prune_stage(stage: PruneStage, w: torch.Tensor, ctx: ModuleContext) -> tuple[torch.Tensor, dict]:
     """Stage 1 (and plain one-shot pruning): SparseGPT / Wanda / magnitude on W."""
     from .prune import prune
 
-    pruned, _ = prune(stage.method, w, ctx.stats, ctx.pattern, stage.options)
+    pruned, _ = prune(stage.method, w, ctx.stats, ctx.pattern, stage.options, group=ctx.group)
     return pruned, {}
 
 
@@ -62,3 +63,6 @@ STAGES: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {
     "redense": redense_stage,
     "second_prune": second_prune_stage,
 }
+# Stages whose function takes this rank's rows (ctx.group set) on several ranks; the others run on the whole
+# matrix on every rank (the same inputs give the same bits everywhere). docs/SCALING.md.
+ROW_SPLIT_STAGES = frozenset({"prune"})

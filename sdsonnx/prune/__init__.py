@@ -37,19 +37,21 @@ PruneOptions = Union[MagnitudeOptions, WandaOptions, SparseGPTOptions]
 Pruner = Callable[[torch.Tensor, LayerStats, Pattern, PruneOptions], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _wanda(w: torch.Tensor, stats: LayerStats, pattern: Pattern, options: WandaOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def _wanda(w: torch.Tensor, stats: LayerStats, pattern: Pattern, options: WandaOptions,
+           group=None) -> tuple[torch.Tensor, torch.Tensor]:
     if stats.sq_norm is None:
         raise ValueError("wanda needs the per-input squared norms (no calibration inputs were seen)")
-    return wanda_prune(w, stats.sq_norm, pattern)
+    return wanda_prune(w, stats.sq_norm, pattern)  # per-row groups: row-local under a RankGroup
 
 
-def _sparsegpt(w: torch.Tensor, stats: LayerStats, pattern: Pattern,
-               options: SparseGPTOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    return sparsegpt_prune(w, stats.hessian, pattern, blocksize=options.blocksize, percdamp=options.percdamp)
+def _sparsegpt(w: torch.Tensor, stats: LayerStats, pattern: Pattern, options: SparseGPTOptions,
+               group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    return sparsegpt_prune(w, stats.hessian, pattern, blocksize=options.blocksize, percdamp=options.percdamp,
+                           group=group)
 
 
 PRUNERS: dict[str, Pruner] = {
-    "magnitude": lambda w, stats, pattern, options: magnitude_prune(w, pattern),
+    "magnitude": lambda w, stats, pattern, options, group=None: magnitude_prune(w, pattern, group),
     "wanda": _wanda,
     "sparsegpt": _sparsegpt,
 }
@@ -69,11 +71,13 @@ def options_for(method: str, settings: dict) -> PruneOptions:
 
 
 def prune(method: str, w: torch.Tensor, stats: LayerStats, pattern: Pattern,
-          options: PruneOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          options: PruneOptions | None = None, group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """W [out, in] -> (pruned W in W's dtype, bool mask, True = kept) with the named method and its options
-    (None: the method's defaults)."""
+    (None: the method's defaults). `group` (sdsonnx/distributed.RankGroup): W is this rank's rows of the matrix."""
     _check_method(method)
     options = OPTIONS[method]() if options is None else options
     if not isinstance(options, OPTIONS[method]):
         raise ValueError(f"{method} takes {OPTIONS[method].__name__}, got {type(options).__name__}")
-    return PRUNERS[method](w, stats, pattern, options)
+    if group is None:
+        return PRUNERS[method](w, stats, pattern, options)
+    return PRUNERS[method](w, stats, pattern, options, group=group)

@@ -56,28 +56,38 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tens
     return None
 
 
-def _fallback_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, damp_cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fallback_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, damp_cap: float,
+                    group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Wanda's selection without a weight update: keep the largest |W_ij| sqrt(H_jj) (n:m per group, unstructured
-    matrix-wide with SparseGPT's count); W [out, in] float32, H [in, in] -> (pruned W, mask)."""
+    matrix-wide with SparseGPT's count); W [out, in] float32, H [in, in] -> (pruned W, mask). `group`: W is this
+    rank's rows (sdsonnx/distributed.py; ties then go by flat index, not torch.topk's order)."""
     warnings.warn(HessianFallback(
         f"SparseGPT: the damped Hessian [{H.shape[0]}x{H.shape[0]}] is singular even with percdamp {damp_cap:.3g}: "
         "mask by |W| sqrt(diag H) (Wanda), no weight update"), stacklevel=3)
     scores = W.abs() * torch.diag(H).clamp_min(0).sqrt().reshape(1, -1)
-    mask = keep_largest(scores, pattern, per_row=False)
+    if group is None or pattern.is_nm:
+        mask = keep_largest(scores, pattern, per_row=False)
+    else:
+        mask = group.prune_lowest(scores, prune_count(pattern.sparsity, group.numel(scores)))
     return torch.where(mask, W, 0.0), mask
 
 
-def _block_mask(w1: torch.Tensor, hinv_diag: torch.Tensor, n_prune: int) -> torch.Tensor:
-    """Unstructured mask of one column block: prune the n_prune lowest w^2 / [U]_jj^2 over the whole block."""
+def _block_mask(w1: torch.Tensor, hinv_diag: torch.Tensor, n_prune: int, group=None) -> torch.Tensor:
+    """Unstructured mask of one column block: prune the n_prune lowest w^2 / [U]_jj^2 over the whole block
+    (`group`: over every rank's rows of it, sdsonnx/distributed.py)."""
     scores = w1 ** 2 / hinv_diag.reshape(1, -1) ** 2
     if n_prune == 0:
         return torch.ones_like(w1, dtype=torch.bool)
+    if group is not None:
+        return group.prune_lowest(scores, n_prune)
     return topk_mask(scores, n_prune / scores.numel(), per_row=False)
 
 
 def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, blocksize: int = 128,
-                    percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                    percdamp: float = 0.01, group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """W [out, in], H = X X^T / N [in, in] -> (pruned W in W's dtype, bool mask [out, in]); SparseGPT Alg. 1.
+    `group` (sdsonnx/distributed.RankGroup): W is this rank's rows of the whole matrix; the unstructured counts and
+    block masks are the whole matrix's, so the rows come out as the one-process run's.
 
     Unstructured: each block of `blocksize` columns prunes its share of the round(s * numel) total (cumulative
     rounding, so the whole matrix has exactly that many pruned). n:m: each group of m columns keeps n per row
@@ -100,11 +110,11 @@ def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, bl
     W[:, dead] = 0
     Hinv = inverse_hessian_factor(H, percdamp)
     if Hinv is None:
-        pruned, mask = _fallback_prune(W, H, pattern, max(percdamp, 1e-8) * 10 ** MAX_DAMP_RETRIES)
+        pruned, mask = _fallback_prune(W, H, pattern, max(percdamp, 1e-8) * 10 ** MAX_DAMP_RETRIES, group)
         return pruned.to(w.dtype), mask
     if pattern.is_nm:
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
-    total = prune_count(pattern.sparsity, W.numel())
+    total = prune_count(pattern.sparsity, W.numel() if group is None else group.numel(W))
     mask = torch.ones_like(W, dtype=torch.bool)
 
     for i1 in range(0, cols, blocksize):
@@ -115,12 +125,12 @@ def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, bl
             mask1 = torch.ones_like(W1, dtype=torch.bool)
         else:
             n_prune = round(total * i2 / cols) - round(total * i1 / cols)
-            mask1 = _block_mask(W1, torch.diag(Hinv1), n_prune)
+            mask1 = _block_mask(W1, torch.diag(Hinv1), n_prune, group)
         for i in range(i2 - i1):
             if pattern.is_nm and i % pattern.m == 0:
-                group = slice(i, i + pattern.m)
-                scores = W1[:, group] ** 2 / torch.diag(Hinv1)[group].reshape(1, -1) ** 2
-                mask1[:, group] = nm_mask(scores, pattern.n, pattern.m)
+                span = slice(i, i + pattern.m)
+                scores = W1[:, span] ** 2 / torch.diag(Hinv1)[span].reshape(1, -1) ** 2
+                mask1[:, span] = nm_mask(scores, pattern.n, pattern.m)
             col, d = W1[:, i], Hinv1[i, i]
             q = torch.where(mask1[:, i], col, 0.0)
             Q1[:, i] = q
