@@ -304,3 +304,56 @@ def test_unrewritten_llama_still_kills_deepsparse_and_is_reported(exports, tmp_p
     (tmp_path / "job.json").write_text(json.dumps(job))
     run = run_worker(DS_PYTHON, tmp_path / "job.json", tmp_path / "result.json", timeout_s=300)
     assert run.crashed and "graph.cpp:925" in crash_summary(run)
+
+
+# ---- engines side by side (matrix) and bounds ----------------------------------------------------------------
+
+def test_weight_bytes_counts_matmul_weights_not_gather_only_embeddings():
+    from sdsonnx.bench.bounds import weight_bytes
+
+    w = helper.make_tensor("W", TensorProto.FLOAT, [4, 8], np.zeros(32, np.float32))
+    q = helper.make_tensor("Q", TensorProto.INT8, [4, 8], np.zeros(32, np.int8).tobytes(), raw=True)
+    emb = helper.make_tensor("E", TensorProto.FLOAT, [10, 4], np.zeros(40, np.float32))
+    tied = helper.make_tensor("T", TensorProto.FLOAT, [10, 4], np.zeros(40, np.float32))
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"]), helper.make_node("Gather", ["T", "ids"], ["t"]),
+             helper.make_node("Transpose", ["T"], ["tt"]), helper.make_node("MatMul", ["x", "W"], ["y"]),
+             helper.make_node("MatMulInteger", ["xi", "Q"], ["yi"])]
+    graph = helper.make_graph(nodes, "g", [], [], [w, q, emb, tied])
+    model = helper.make_model(graph)
+    assert weight_bytes(model) == {"W": 128, "Q": 32, "T": 160}
+    assert weight_bytes(model, float_itemsize=2) == {"W": 64, "Q": 32, "T": 80}
+
+
+def test_matrix_records_speedup_against_ort_dense_fp32_with_bounds(exports, tmp_path):
+    from sdsonnx.artifact.quantize import quantize_artifact
+    from sdsonnx.bench.matrix import Entry, run_matrix
+
+    dense, sparse = exports["llama_dense"], exports["llama_24"]
+    int8 = tmp_path / "llama_24_int8"
+    quantize_artifact(sparse, int8, "int8-dynamic")
+    entries = [Entry("onnxruntime", "dense", dense, dense), Entry("onnxruntime", "2:4", sparse, sparse),
+               Entry("onnxruntime", "2:4", int8, sparse)]
+    try:
+        import openvino  # noqa: F401
+        entries.append(Entry("openvino", "2:4", sparse, sparse, precision_hint="f32"))
+    except ImportError:
+        pass
+    doc = run_matrix(entries, seqs=(8,), decode=2, decode_batches=(1, 2), past=4, threads=1, warmup=0, reps=2)
+    recs = doc["records"]
+    assert len(recs) == 3 * len(entries)
+    for r in recs:
+        assert r["speedup_vs_dense_fp32"] > 0 and r["bound_vs_dense_fp32"] >= 1.0
+        if r["model"] == "dense":
+            assert r["speedup_vs_dense_fp32"] == 1.0 and r["bound_vs_dense_fp32"] == 1.0
+        if r["engine"] == "openvino":
+            assert r["precision_hint"] == "f32" and r["max_abs_logit_diff_vs_ort"] < 1e-3
+    fp32_decode = next(r for r in recs if r["model"] == "2:4" and r["weight_format"] == "fp32"
+                       and r["engine"] == "onnxruntime" and r["phase"] == "decode" and r["batch"] == 2)
+    int8_decode = next(r for r in recs if r["weight_format"] == "int8-dynamic" and r["phase"] == "decode"
+                       and r["batch"] == 2)
+    assert fp32_decode["bound_vs_dense_fp32"] == 1.0  # zeros stored dense: same bytes as the dense model
+    assert fp32_decode["weight_bytes_per_token"] == fp32_decode["dense_fp32_weight_bytes_per_token"]
+    assert fp32_decode["bound_if_zeros_compressed"] > 1.0 and fp32_decode["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert int8_decode["bound_vs_dense_fp32"] > 1.0
+    prefill = [r for r in recs if r["phase"] == "prefill" and r["model"] == "2:4"]
+    assert all(r["bound_vs_dense_fp32"] == 1.0 and r["bound_if_zeros_skipped"] > 1.0 for r in prefill)
