@@ -1,12 +1,19 @@
-"""Speed benchmark for docs/BENCHMARKS.md ("Speed") and docs/benchmarks/speed.json.
+"""Speed benchmark for docs/BENCHMARKS.md ("Speed") and docs/benchmarks/speed.json (issue 15: engines side by side).
 
-SmolLM2-135M (built-in, real weights) and an OPT-125M-shaped model (random weights: no OPT checkpoint installs
-offline) are pruned by magnitude (sparsity pattern matters for speed, not quality) to 50%, 70% unstructured and
-2:4 over the decoder Linears, exported with `sdsonnx export` (with KV cache), and timed dense vs sparse,
-interleaved, in ONNX Runtime and DeepSparse: batch 1, prefill 128 and 512 tokens, decode (one-token steps on a
-128-token cache).
+Default (`--matrix`): the SDS-SparseGPT artifacts of the quality protocol and their dense base, each as fp32 and
+quantized (int8-nbits, int8-dynamic, int8-static, int4-nbits; made from the fp32 exports by
+artifact.quantize.quantize_artifact, what `sdsonnx export --quantize` runs), timed in ONNX Runtime and OpenVINO
+(fp32, int8-static, int8-nbits; INFERENCE_PRECISION_HINT f32, plus dense fp32 with bf16) in one interleaved loop
+(sdsonnx.bench.matrix): prefill 128 and 512 at batch 1, decode on a 128-token cache at batch 1 and 8, 2 threads.
+Every record carries speedup_vs_dense_fp32 (ONNX Runtime dense fp32 of the same case / this) and its bound.
 
-    .venv/bin/python tools/speed_bench.py [--work /tmp/sdsonnx-speed] [--models smollm2,opt] [--reps 5]
+    .venv/bin/python tools/speed_bench.py --family dense=/tmp/h15/q/dense-fp32 \
+        --family "sds-sparsegpt 2:4=/tmp/h15/q/sds-sparsegpt_2_4-fp32" --family "sds-sparsegpt 50%=..."
+
+`--legacy-magnitude` is the earlier fp32-only run (magnitude 50/70/2:4, ONNX Runtime + DeepSparse, written to
+docs/benchmarks/speed_fp32_magnitude.json):
+
+    .venv/bin/python tools/speed_bench.py --legacy-magnitude [--work /tmp/sdsonnx-speed] [--models smollm2,opt]
 """
 from __future__ import annotations
 
@@ -82,6 +89,72 @@ def relimit(path: Path) -> None:
     path.write_text(json.dumps(doc, indent=2))
 
 
+ORT_FORMATS = ("fp32", "int8-nbits", "int8-dynamic", "int8-static", "int4-nbits")
+OV_FORMATS = ("fp32", "int8-static", "int8-nbits")
+
+
+def quantized_copy(fp32: Path, scheme: str) -> Path:
+    """fp32 export NAME-fp32 -> NAME-SCHEME next to it (made when missing; int8-static calibrated as export does)."""
+    if scheme == "fp32":
+        return fp32
+    out = fp32.with_name(fp32.name.removesuffix("-fp32") + "-" + scheme)
+    if not (out / "sdsonnx.json").is_file():
+        from sdsonnx.artifact.quantize import calibration_ids, quantize_artifact
+
+        manifest = json.loads((fp32 / "sdsonnx.json").read_text())
+        source = (manifest.get("source") or {}).get("checkpoint")
+        calibration = calibration_ids(source or fp32) if scheme == "int8-static" else None
+        quantize_artifact(fp32, out, scheme, calibration)
+    return out
+
+
+def matrix_main(args) -> None:
+    """Engines x formats x sparsities in one interleaved run -> --json (default docs/benchmarks/speed.json)."""
+    import os
+    import subprocess
+
+    from sdsonnx.bench.matrix import Entry, run_matrix
+
+    if not args.family:
+        raise SystemExit("give --family MODEL=FP32_EXPORT at least for dense")
+    entries = []
+    for spec in args.family:
+        model, _, folder = spec.partition("=")
+        fp32 = Path(folder)
+        for fmt in (f for f in args.ort_formats.split(",") if f):
+            entries.append(Entry("onnxruntime", model, quantized_copy(fp32, fmt), fp32))
+        for fmt in (f for f in args.ov_formats.split(",") if f):
+            entries.append(Entry("openvino", model, quantized_copy(fp32, fmt), fp32, precision_hint="f32"))
+        if model == "dense" and "fp32" in args.ov_formats.split(","):
+            entries.append(Entry("openvino", model, fp32, fp32, precision_hint="bf16"))
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    doc = run_matrix(entries, seqs=tuple(int(s) for s in args.seq.split(",")), decode=args.decode,
+                     decode_batches=tuple(int(b) for b in args.batches.split(",")), past=128,
+                     threads=args.threads or 2, warmup=args.warmup, reps=args.reps)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    doc["git_commit"] = commit.stdout.strip()
+    doc["command"] = "tools/speed_bench.py " + " ".join(
+        f"--family '{f}'" for f in args.family) + f" --decode {args.decode} --warmup {args.warmup} --reps {args.reps}"
+    path = args.json or REPO / "docs" / "benchmarks" / "speed.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(matrix_table(doc), flush=True)
+
+
+def matrix_table(doc: dict) -> str:
+    """Markdown rows: engine, model, format, case, ms, tok/s, speed-up [IQR] vs ORT dense fp32, bound."""
+    rows = ["| engine | model | weights | case | ms / forward | tok/s | vs ORT dense fp32 [IQR] | bound | "
+            "bound if zeros skipped | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["records"]:
+        case = f"prefill {r['seq']}" if r["phase"] == "prefill" else f"decode b{r['batch']}"
+        hint = f" ({r['precision_hint']})" if r.get("precision_hint") else ""
+        skip = r.get("bound_if_zeros_compressed", r.get("bound_if_zeros_skipped"))
+        rows.append(f"| {r['engine']}{hint} | {r['model']} | {r['weight_format']} | {case} | {r['latency_ms']:.1f} | "
+                    f"{r['tokens_per_s']:.0f} | {r['speedup_vs_dense_fp32']:.2f}x [{r['speedup_p25']:.2f}-"
+                    f"{r['speedup_p75']:.2f}] | {r['bound_vs_dense_fp32']:.2f}x | "
+                    f"{'-' if skip is None else f'{skip:.2f}x'} | {r.get('loadavg_1m_at_case_start')} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdsonnx-speed"))
@@ -91,14 +164,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", type=Path, default=REPO / "docs" / "benchmarks" / "speed.json")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--legacy-magnitude", action="store_true")
+    parser.add_argument("--family", action="append", default=[], help="MODEL=FP32_EXPORT (first: dense)")
+    parser.add_argument("--batches", default="1,8", help="decode batch sizes")
+    parser.add_argument("--ort-formats", default=",".join(ORT_FORMATS))
+    parser.add_argument("--ov-formats", default=",".join(OV_FORMATS))
     parser.add_argument("--relimit-only", action="store_true",
                         help="Only recompute the speed-up limits of the records in --json (exports must still exist).")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.legacy_magnitude:
+        matrix_main(args)
+        return
+    args.json = args.json or REPO / "docs" / "benchmarks" / "speed_fp32_magnitude.json"
     if args.relimit_only:
         relimit(args.json)
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args.work.mkdir(parents=True, exist_ok=True)
     seqs = tuple(int(s) for s in args.seq.split(","))
     docs = json.loads(args.json.read_text()) if args.json.is_file() else {}

@@ -137,7 +137,8 @@ def _bounds(entry: Entry, case: Case, family: ModelInfo, base_bytes: float) -> d
         return {"bound": "weight bytes per token", "weight_bytes_per_token": stored["bytes"] / case.batch,
                 "dense_fp32_weight_bytes_per_token": base_bytes / case.batch,
                 "bound_vs_dense_fp32": base_bytes / stored["bytes"],
-                "bound_if_zeros_compressed": base_bytes / stored["compressed"], **share}
+                "bound_if_zeros_compressed": base_bytes / stored["compressed"] if family.sparsity > 0 else None,
+                **share}
     return {"bound": "multiply-adds left", "bound_vs_dense_fp32": 1.0,
             "bound_if_zeros_skipped": share.get("limit_amdahl", 1.0), **share}
 
