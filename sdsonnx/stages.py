@@ -41,7 +41,8 @@ def redense_stage(stage: RedenseStage, w: torch.Tensor, ctx: ModuleContext) -> t
     from .sds.redense import redense_gram, redense_sgd
 
     if stage.solver == "gram":
-        return redense_gram(ctx.dense, w, ctx.stats.hessian, stage.l1, stage.l2, max_iter=stage.max_iter, tol=stage.tol)
+        return redense_gram(ctx.dense, w, ctx.stats.hessian, stage.l1, stage.l2, max_iter=stage.max_iter, tol=stage.tol,
+                            group=ctx.group)
     return redense_sgd(ctx.dense, w, ctx.stats.stacked_inputs(), stage.l1, stage.l2, epochs=stage.epochs,
                        lr=stage.lr, batch_size=stage.batch_size, optimizer=stage.optimizer)
 
@@ -55,7 +56,7 @@ def second_prune_stage(stage: SecondPruneStage, w: torch.Tensor, ctx: ModuleCont
     first = ctx.first_prune
     return second_prune(first.method, ctx.dense, w, ctx.first_pruned, ctx.stats, ctx.pattern, adjust=stage.adjust,
                         max_iter=stage.max_iter, tol=stage.tol, early_exit=stage.early_exit,
-                        precondition=stage.precondition, options=first.options)
+                        precondition=stage.precondition, options=first.options, group=ctx.group)
 
 
 STAGES: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {
@@ -65,4 +66,4 @@ STAGES: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {
 }
 # Stages whose function takes this rank's rows (ctx.group set) on several ranks; the others run on the whole
 # matrix on every rank (the same inputs give the same bits everywhere). docs/SCALING.md.
-ROW_SPLIT_STAGES = frozenset({"prune"})
+ROW_SPLIT_STAGES = frozenset({"prune", "redense", "second_prune"})

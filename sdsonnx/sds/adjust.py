@@ -23,13 +23,19 @@ import torch
 
 from ..masks import keep_largest, nm_violations, prune_count
 from ..pattern import Pattern
-from .objective import largest_eigenvalue
+from .objective import largest_eigenvalue, totals
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
-def satisfies_pattern(w: torch.Tensor, pattern: Pattern, per_row: bool = True) -> bool:
-    """True when W [d_out, d_in] has at most the pattern's kept count nonzero (per row, per m-group or overall)."""
+def satisfies_pattern(w: torch.Tensor, pattern: Pattern, per_row: bool = True, group=None) -> bool:
+    """True when W [d_out, d_in] has at most the pattern's kept count nonzero (per row, per m-group or overall).
+    `group`: W is this rank's rows of the matrix (sdsonnx/distributed.py); the answer is the whole matrix's."""
+    if group is not None:
+        if pattern.is_nm or per_row:
+            return group.all_true(satisfies_pattern(w, pattern, per_row))
+        nonzero, count = totals(group, int((w != 0).sum()), w.numel())
+        return nonzero <= count - prune_count(pattern.sparsity, int(count))
     if pattern.is_nm:
         return nm_violations(w, pattern.n, pattern.m).shape[0] == 0
     if per_row:
@@ -45,9 +51,16 @@ def _reselect(v: torch.Tensor, pattern: Pattern, per_row: bool) -> tuple[torch.T
     return _reselect_(v.clone(), pattern, per_row)
 
 
-def _reselect_(v: torch.Tensor, pattern: Pattern, per_row: bool, rows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def _reselect_(v: torch.Tensor, pattern: Pattern, per_row: bool, rows: int = 256,
+               group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """_reselect written into v itself; returns (v, mask). Row-local patterns (n:m, per row) select `rows` rows
-    at a time, so |V| and topk's buffers are a slice, not weight-sized (the same mask: groups are independent)."""
+    at a time, so |V| and topk's buffers are a slice, not weight-sized (the same mask: groups are independent).
+    `group`: v is this rank's rows; a matrix-wide selection is made over every rank's rows (ties: lower flat
+    index pruned first, where torch.topk's order is unspecified)."""
+    if group is not None and not (pattern.is_nm or per_row):
+        v_abs = v.abs()
+        mask = group.prune_lowest(v_abs, prune_count(pattern.sparsity, group.numel(v_abs)))
+        return v.masked_fill_(~mask, 0.0), mask
     if pattern.is_nm or per_row:
         mask = torch.empty_like(v, dtype=torch.bool)
         for i in range(0, v.shape[0], rows):
@@ -59,16 +72,17 @@ def _reselect_(v: torch.Tensor, pattern: Pattern, per_row: bool, rows: int = 256
 
 def soft_mask_adjust(w_dense: torch.Tensor, w_pruned: torch.Tensor, hessian: torch.Tensor, pattern: Pattern,
                      max_iter: int = 50, tol: float = 1e-6, per_row: bool = True, precondition: bool = True,
-                     callback: Callback | None = None) -> tuple[torch.Tensor, dict]:
+                     callback: Callback | None = None, group=None) -> tuple[torch.Tensor, dict]:
     """Eq. 5: W [d_out, d_in] with the pattern minimising R(W) from W_pruned, H [d_in, d_in]; never worse on R.
 
-    callback(iteration, W, mask) sees every iterate. Returns float32 W.
+    callback(iteration, W, mask) sees every iterate. Returns float32 W. `group` (sdsonnx/distributed.RankGroup):
+    the weights are this rank's rows; losses, step norms and a matrix-wide mask are over every rank's rows.
     """
     if w_dense.dim() != 2 or w_dense.shape != w_pruned.shape:
         raise ValueError(f"w_dense {tuple(w_dense.shape)} and w_pruned {tuple(w_pruned.shape)} must be the same 2-D shape")
     if hessian.shape != (w_dense.shape[1], w_dense.shape[1]):
         raise ValueError(f"hessian {tuple(hessian.shape)} must be [d_in, d_in] with d_in = {w_dense.shape[1]}")
-    if not satisfies_pattern(w_pruned, pattern, per_row):
+    if not satisfies_pattern(w_pruned, pattern, per_row, group):
         raise ValueError(f"w_pruned does not satisfy the pattern {pattern} it is to be adjusted within")
     start = time.perf_counter()
     h = hessian.float().to(w_dense.device)
@@ -81,7 +95,7 @@ def soft_mask_adjust(w_dense: torch.Tensor, w_pruned: torch.Tensor, hessian: tor
 
     def loss(v: torch.Tensor, vh: torch.Tensor) -> float:
         diff = v - v_ref
-        return float(diff.mul_(vh - target).sum())
+        return totals(group, float(diff.mul_(vh - target).sum()))[0]
 
     def step(pair: list[torch.Tensor], own: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One gradient step from pair = [V, V hs] and mask re-selection: (new V, mask, new V hs); one product.
@@ -96,7 +110,7 @@ def soft_mask_adjust(w_dense: torch.Tensor, w_pruned: torch.Tensor, hessian: tor
         g.mul_(2.0).div_(lip)
         new = v.sub_(g) if own else torch.sub(v, g, out=g)
         del v, g
-        new, mask = _reselect_(new, pattern, per_row)
+        new, mask = _reselect_(new, pattern, per_row, group=group)
         return new, mask, new @ hs
 
     def momentum_point(a: torch.Tensor, a_prev: torch.Tensor, beta: float) -> torch.Tensor:
@@ -121,10 +135,17 @@ def soft_mask_adjust(w_dense: torch.Tensor, w_pruned: torch.Tensor, hessian: tor
             x_new, new_mask, xh_new = step([x, xh], own=False)
             loss_new = loss(x_new, xh_new)
             t_new = 1.0
-        changes += int((new_mask != mask).sum())
+        if group is None:
+            changes += int((new_mask != mask).sum())
         if callback is not None:
             callback(iters, x_new / scale, new_mask)
-        rel = float((x_new - x).norm()) / max(float(x.norm()), 1e-30)
+        if group is None:
+            rel = float((x_new - x).norm()) / max(float(x.norm()), 1e-30)
+        else:
+            changed, step_sq, x_sq = totals(group, int((new_mask != mask).sum()), float((x_new - x).pow(2).sum()),
+                                            float(x.pow(2).sum()))
+            changes += int(changed)
+            rel = step_sq ** 0.5 / max(x_sq ** 0.5, 1e-30)
         x_prev, xh_prev, x, xh, mask, loss_x, t = x, xh, x_new, xh_new, new_mask, loss_new, t_new
         if loss_x < best_loss:
             best, best_loss, best_iter = x, loss_x, iters

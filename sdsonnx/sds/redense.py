@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .objective import eq4_objective, largest_eigenvalue, layer_lambdas, near_zero_share, weight_scale
+from .objective import eq4_objective, largest_eigenvalue, layer_lambdas, near_zero_share, totals, weight_scale
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +37,24 @@ def _check_inputs(w_dense: torch.Tensor, w_init: torch.Tensor, l1: float, l2: fl
 
 
 def _info(w_init: torch.Tensor, w: torch.Tensor, w_ref: torch.Tensor, h: torch.Tensor, lam1: float, lam2: float,
-          r0: float, **extra) -> dict:
+          r0: float, group=None, **extra) -> dict:
     """Per-module record: J before/after (Eq. 4 / R(W_init)), the lambdas, near-zero share."""
-    return {"loss_before": eq4_objective(w_init.to(w_ref.device), w_ref, h, lam1, lam2) / r0,
-            "loss_after": eq4_objective(w, w_ref, h, lam1, lam2) / r0, "lambda1": lam1, "lambda2": lam2,
-            "near_zero_share": near_zero_share(w, w_ref), **extra}
+    return {"loss_before": eq4_objective(w_init.to(w_ref.device), w_ref, h, lam1, lam2, group) / r0,
+            "loss_after": eq4_objective(w, w_ref, h, lam1, lam2, group) / r0, "lambda1": lam1, "lambda2": lam2,
+            "near_zero_share": near_zero_share(w, w_ref, group), **extra}
 
 
 def redense_gram(w_dense: torch.Tensor, w_init: torch.Tensor, hessian: torch.Tensor, l1: float, l2: float,
-                 max_iter: int = 200, tol: float = 1e-6) -> tuple[torch.Tensor, dict]:
-    """Eq. 4 by FISTA on H [d_in, d_in]: W [d_out, d_in] from W_init, step 1/L, soft-threshold prox, restarts."""
+                 max_iter: int = 200, tol: float = 1e-6, group=None) -> tuple[torch.Tensor, dict]:
+    """Eq. 4 by FISTA on H [d_in, d_in]: W [d_out, d_in] from W_init, step 1/L, soft-threshold prox, restarts.
+    `group` (sdsonnx/distributed.RankGroup): the weights are this rank's rows; Eq. 4 separates over rows, the
+    lambdas, the restart test and the stopping rule use sums over every rank's rows."""
     _check_inputs(w_dense, w_init, l1, l2)
     if hessian.shape != (w_dense.shape[1], w_dense.shape[1]):
         raise ValueError(f"hessian {tuple(hessian.shape)} must be [d_in, d_in] with d_in = {w_dense.shape[1]}")
     start = time.perf_counter()
     w_ref, h_mat = w_dense.float(), hessian.float().to(w_dense.device)
-    lam1, lam2, r0 = layer_lambdas(w_ref, w_init.to(w_ref.device), h_mat, l1, l2)
+    lam1, lam2, r0 = layer_lambdas(w_ref, w_init.to(w_ref.device), h_mat, l1, l2, group)
     lip = 2.0 * (largest_eigenvalue(h_mat) + lam2)  # smooth part R + lambda2 |W|^2
     if lip <= 0:
         lip = 1.0
@@ -65,8 +67,13 @@ def redense_gram(w_dense: torch.Tensor, w_init: torch.Tensor, hessian: torch.Ten
         g = (y @ h_mat).sub_(target).mul_(2.0).add_(2.0 * lam2 * y).div_(lip)
         x_new = soft_threshold_(torch.sub(y, g, out=g), tau)
         step = x_new - x
-        restart = float(torch.sub(y, x_new).mul_(step).sum()) > 0  # gradient restart (O'Donoghue & Candes 2015)
-        rel = float(step.norm()) / max(float(x.norm()), 1e-30)
+        if group is None:
+            restart = float(torch.sub(y, x_new).mul_(step).sum()) > 0  # gradient restart (O'Donoghue & Candes 2015)
+            rel = float(step.norm()) / max(float(x.norm()), 1e-30)
+        else:
+            dot, step_sq, x_sq = totals(group, float(torch.sub(y, x_new).mul_(step).sum()), float(step.pow(2).sum()),
+                                        float(x.pow(2).sum()))
+            restart, rel = dot > 0, step_sq ** 0.5 / max(x_sq ** 0.5, 1e-30)
         if restart:
             t_new, y = 1.0, x_new
             restarts += 1
@@ -77,7 +84,7 @@ def redense_gram(w_dense: torch.Tensor, w_init: torch.Tensor, hessian: torch.Ten
         x, t = x_new, t_new
         if rel < tol:
             break
-    return x, _info(w_init, x, w_ref, h_mat, lam1, lam2, r0, iterations=iters, restarts=restarts,
+    return x, _info(w_init, x, w_ref, h_mat, lam1, lam2, r0, group, iterations=iters, restarts=restarts,
                     seconds=time.perf_counter() - start)
 
 

@@ -16,28 +16,29 @@ from .objective import reconstruction_loss
 def second_prune(method: str, w_dense: torch.Tensor, w_redense: torch.Tensor, w_first: torch.Tensor,
                  stats: LayerStats, pattern: Pattern, adjust: bool = True, max_iter: int = 50,
                  tol: float = 1e-6, early_exit: bool = False, precondition: bool = True,
-                 options: PruneOptions | None = None) -> tuple[torch.Tensor, dict]:
+                 options: PruneOptions | None = None, group=None) -> tuple[torch.Tensor, dict]:
     """W [d_out, d_in]: prune(method, W_redense) (Eq. 5's W^sparse-2nd), soft-mask adjusted unless it already beats
     W_first (early exit); the first prune is kept when neither beats it on R. options: the first prune's (e.g. its
-    SparseGPT blocksize and percdamp), so both prunes are the same pruner; None: the method's defaults."""
+    SparseGPT blocksize and percdamp), so both prunes are the same pruner; None: the method's defaults. `group`
+    (sdsonnx/distributed.RankGroup): the weights are this rank's rows; every comparison is the whole matrix's."""
     if not (w_dense.shape == w_redense.shape == w_first.shape) or w_dense.dim() != 2:
         raise ValueError(f"w_dense {tuple(w_dense.shape)}, w_redense {tuple(w_redense.shape)} and w_first "
                          f"{tuple(w_first.shape)} must be the same 2-D shape")
     h = stats.hessian.to(w_dense.device)
     w_ref = w_dense.float()
-    w_second, _ = prune(method, w_redense.float(), stats, pattern, options)
+    w_second, _ = prune(method, w_redense.float(), stats, pattern, options, group=group)
     w_second = w_second.float()
-    r_first = reconstruction_loss(w_first.float(), w_ref, h)
-    r_second = reconstruction_loss(w_second, w_ref, h)
+    r_first = reconstruction_loss(w_first.float(), w_ref, h, group)
+    r_second = reconstruction_loss(w_second, w_ref, h, group)
     info = {"loss_first": r_first, "loss_second": r_second, "loss_adjusted": None,
             "early_exit": early_exit and r_second < r_first, "adjust_iterations": 0, "mask_changes": 0}
     if info["early_exit"]:
         return w_second, {**info, "kept": "second"}
     if adjust:
         # SparseGPT's unstructured masks are exact per column block, not per row: adjust matrix-wide then
-        per_row = pattern.is_nm or satisfies_pattern(w_second, pattern, per_row=True)
+        per_row = pattern.is_nm or satisfies_pattern(w_second, pattern, per_row=True, group=group)
         w_adj, adj = soft_mask_adjust(w_ref, w_second, h, pattern, max_iter=max_iter, tol=tol, per_row=per_row,
-                                      precondition=precondition)
+                                      precondition=precondition, group=group)
         info.update(loss_adjusted=adj["loss_after"], adjust_iterations=adj["iterations"],
                     mask_changes=adj["mask_changes"], adjust_per_row=per_row)
         if adj["loss_after"] < min(r_first, r_second):
