@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import os
 import platform
+import struct
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +25,7 @@ from ..masks import request_violation
 from .checkpoint import (WEIGHTS_HASH_SCHEME, CheckpointError, load_checkpoint_model, pruned_weights,
                          read_checkpoint_extras, recorded_request, weights_digest)
 from .files import DATA_FILE, MANIFEST, MODEL_FILE
-from .initializers import consumers, load_initializers, map_weights
+from .initializers import consumers, input_axis, load_initializers, map_weights
 from .metadata import (FORMAT_VERSION, SparsityMetadata, describe_initializer, global_pattern, global_sparsity,
                        to_props, write_metadata)
 from ..errors import InputError
@@ -87,7 +89,7 @@ def _save(model: onnx.ModelProto, out: Path, external_data: bool | None) -> list
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, task: str = "text-generation-with-past",
                       opset: int | None = None, external_data: bool | None = None, force: bool = False,
-                      quantize: str | None = None, calibration=None) -> dict:
+                      quantize: str | None = None, calibration=None, streamed: bool | None = None) -> dict:
     """Export `checkpoint` (HF folder) into `out`: model.onnx with sdsonnx.* metadata, tokenizer, sdsonnx.json.
 
     quantize: a scheme of artifact/quantize.py (int8-nbits, alias int8; int8-dynamic; int8-static, which needs
@@ -95,6 +97,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, task: str = "text
     `out` (ExportError when a pruned zero or an n:m group does not survive).
 
     external_data: None lets the exporter decide (external above 2 GB), True forces model.onnx_data.
+    streamed: see write_export (None: streamed for checkpoints too large to load comfortably).
     `out` is built in a hidden work area and renamed into place when complete (sdsonnx/outputs.py); an existing
     `out` is an OutputExistsError unless `force`. Returns the manifest written to out/sdsonnx.json.
     """
@@ -108,13 +111,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, task: str = "text
         resolve_scheme(quantize)  # an unknown scheme fails before anything is exported
     with atomic_output(out, force) as work:
         if quantize is None:
-            return write_export(checkpoint, work, task, opset, external_data)
+            return write_export(checkpoint, work, task, opset, external_data, streamed=streamed)
         import tempfile
 
         from .quantize import quantize_artifact
 
         with tempfile.TemporaryDirectory(prefix="sdsonnx-fp32-") as tmp:
-            write_export(checkpoint, Path(tmp), task, opset, external_data)
+            write_export(checkpoint, Path(tmp), task, opset, external_data, streamed=streamed)
             return quantize_artifact(tmp, work, quantize, calibration)
 
 
@@ -126,11 +129,36 @@ def check_export_request(checkpoint: Path, task: str) -> None:
         raise ExportError(f"{checkpoint} has no config.json: not a Hugging Face checkpoint folder")
 
 
+def stream_by_default(checkpoint: Path) -> bool:
+    """True when the checkpoint's weights in float32 exceed a quarter of this machine's memory (optimum's export
+    would hold them about three times) and they are safetensors, which the streamed export reads tensor by tensor."""
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        return False
+    fp32_bytes = 0
+    for path in files:
+        with path.open("rb") as fh:
+            size = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(size))
+        fp32_bytes += sum(4 * int(np.prod(info["shape"], dtype=np.int64)) for name, info in header.items()
+                          if name != "__metadata__")
+    return fp32_bytes > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4
+
+
 def write_export(checkpoint: Path, out: Path, task: str = "text-generation-with-past", opset: int | None = None,
-                 external_data: bool | None = None, recorded_checkpoint: Path | None = None) -> dict:
+                 external_data: bool | None = None, recorded_checkpoint: Path | None = None,
+                 streamed: bool | None = None) -> dict:
     """Export into the empty (work) folder `out`, in place; `recorded_checkpoint` is the checkpoint path the
-    manifest records (default `checkpoint`; a run exporting from its own work area records its final output)."""
+    manifest records (default `checkpoint`; a run exporting from its own work area records its final output).
+
+    streamed: True writes the weights tensor by tensor from the shards (write_streamed_export: a model that does
+    not fit in memory), False loads the model for optimum; None picks streamed for large safetensors checkpoints
+    (stream_by_default)."""
     check_export_request(checkpoint, task)
+    if streamed is None:
+        streamed = stream_by_default(checkpoint)
+    if streamed:
+        return write_streamed_export(checkpoint, out, task, opset, recorded_checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     report, recipe = read_checkpoint_extras(checkpoint)
     t0 = time.perf_counter()
@@ -151,21 +179,86 @@ def write_export(checkpoint: Path, out: Path, task: str = "text-generation-with-
     inexact = [m for m, w in found.items() if not w.exact]
     if missing or inexact:
         raise RuntimeError(f"exported weights not found in the ONNX graph: {(missing + inexact)[:5]}")
-    entries, satisfied, modules = {}, [], {}
+    described = {}
     for module, link in found.items():
         entry, sat = describe_initializer(module, arrays[link.initializer], link.axis)
-        entries[link.initializer] = entry
-        satisfied.append(sat)
-        modules[module] = {"initializer": link.initializer, "axis": link.axis, "consumer": link.consumer,
-                           "stored_shape": entry.shape, "sparsity": entry.sparsity, "pattern": entry.pattern,
-                           "recorded": recorded_request(report, module)}
+        described[module] = (link.initializer, link.axis, link.consumer, entry, sat)
+    size = sum(a.nbytes for a in arrays.values())
+    del arrays
+    return _finish_export(proto, out, checkpoint, report, recipe, task, described, architecture, model_type,
+                          True if size >= TWO_GB else external_data, recorded_checkpoint, t0)
+
+
+def write_streamed_export(checkpoint: Path, out: Path, task: str = "text-generation-with-past",
+                          opset: int | None = None, recorded_checkpoint: Path | None = None) -> dict:
+    """write_export without loading the model: optimum's graph traced with placeholder weights, then every weight
+    read from the safetensors shards, checked and written to model.onnx_data one tensor at a time
+    (artifact/streamed.py). Same folder layout, metadata and manifest; the weights are always external data."""
+    from ..blocks import target_linears
+    from ..shards import ShardReader
+    from .streamed import attach_weights, trace_graph, weightless_model
+
+    check_export_request(checkpoint, task)
+    if not any(checkpoint.glob("*.safetensors")):
+        raise ExportError(f"{checkpoint}: the streamed export reads safetensors weights and the folder has none")
+    out.mkdir(parents=True, exist_ok=True)
+    report, recipe = read_checkpoint_extras(checkpoint)
+    t0 = time.perf_counter()
+    skeleton = weightless_model(checkpoint)
+    linears = [name for mods in target_linears(skeleton).values() for name in mods]
+    architecture = (skeleton.config.architectures or [type(skeleton).__name__])[0]
+    model_type = skeleton.config.model_type
+    del skeleton
+    pruned = list((report or {}).get("modules") or linears)
+    unknown = sorted(set(pruned) - set(linears))
+    if unknown:
+        raise ExportError(f"report.json names modules that are not decoder Linears of the model: {unknown[:5]}")
+    log.info("exporting %s (%s) streamed from its shards, task %s", checkpoint, architecture, task)
+    proto = trace_graph(checkpoint, out, task, opset)
+    seen: dict[str, tuple] = {}
+
+    def visit(name: str, stored: np.ndarray, axis: int) -> None:
+        if not np.isfinite(stored).all():
+            raise ExportError(f"{checkpoint}: tensor {name} has NaN/Inf values; re-save the checkpoint")
+        module = name.removesuffix(".weight")
+        if module in pruned and name.endswith(".weight"):
+            check_requests({module: stored.T if axis == 0 else stored}, report)
+            seen[module] = describe_initializer(module, stored, axis)
+
+    written = attach_weights(proto, out, ShardReader(checkpoint), visit)
+    missing = [m for m in pruned if m not in seen]
+    if missing:
+        raise RuntimeError(f"pruned weights not found among the graph's parameters: {missing[:5]}")
+    uses = consumers(proto)
+    described = {}
+    for module in pruned:
+        initializer, axis = written[module + ".weight"]
+        found_axis, consumer = input_axis(initializer, uses)
+        if found_axis != axis:
+            raise RuntimeError(f"{module}: written along axis {axis} but consumed along {found_axis} ({consumer})")
+        described[module] = (initializer, axis, consumer, *seen[module])
+    return _finish_export(proto, out, checkpoint, report, recipe, task, described, architecture, model_type, True,
+                          recorded_checkpoint, t0)
+
+
+def _finish_export(proto: onnx.ModelProto, out: Path, checkpoint: Path, report: dict | None, recipe: dict | None,
+                   task: str, described: dict, architecture: str, model_type: str, external_data: bool | None,
+                   recorded_checkpoint: Path | None, t0: float) -> dict:
+    """Metadata into the graph, model.onnx written, sdsonnx.json written; returns the manifest.
+
+    described: {module: (initializer, axis, consumer, InitializerSparsity, satisfied patterns)}."""
+    entries = {init: entry for init, _, _, entry, _ in described.values()}
+    satisfied = [sat for *_, sat in described.values()]
+    modules = {module: {"initializer": init, "axis": axis, "consumer": consumer, "stored_shape": entry.shape,
+                        "sparsity": entry.sparsity, "pattern": entry.pattern,
+                        "recorded": recorded_request(report, module)}
+               for module, (init, axis, consumer, entry, _) in described.items()}
     recipe_hash = (report or {}).get("recipe_hash") or ""
     source_hash = weights_digest(checkpoint)
     meta = SparsityMetadata(FORMAT_VERSION, global_sparsity(entries), global_pattern(satisfied), entries,
                             recipe_hash, source_hash, __version__)
     write_metadata(proto, to_props(meta))
-    size = sum(a.nbytes for a in arrays.values())
-    data_files = _save(proto, out, True if size >= TWO_GB else external_data)
+    data_files = _save(proto, out, external_data)
     manifest = {
         "format_version": FORMAT_VERSION,
         "model_file": MODEL_FILE,
@@ -194,4 +287,3 @@ def write_export(checkpoint: Path, out: Path, task: str = "text-generation-with-
     log.info("wrote %s: %d pruned weights, global sparsity %.4f, pattern %s", out, len(entries), meta.sparsity,
              meta.pattern)
     return manifest
-
