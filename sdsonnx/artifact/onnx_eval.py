@@ -29,6 +29,8 @@ def onnx_session(folder: str | Path, threads: int | None = None):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads or torch.get_num_threads()
+    # no busy-waiting between ops: on a shared CPU spinning threads burn the cores others need (same results)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(Path(folder) / MODEL_FILE), options, providers=["CPUExecutionProvider"])
 
 
