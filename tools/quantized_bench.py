@@ -114,12 +114,35 @@ def save(rec: dict) -> None:
     JSON_PATH.write_text(json.dumps(doc, indent=1) + "\n")
 
 
+def markdown_table(doc: dict) -> str:
+    """Rows per checkpoint and scheme: ONNX ppl, change vs PyTorch fp32 and vs ONNX fp32, 3% target, zeros, size."""
+    rows = ["| checkpoint | weights | ONNX ppl | PyTorch fp32 ppl | vs PyTorch fp32 | vs ONNX fp32 | <= +3%? | "
+            "zeros at zero point | fp32 MatMuls | model.onnx MB | eval s | load | commit |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {s: i for i, s in enumerate(("fp32",) + SCHEMES + ("int4-nbits",))}
+    for r in sorted(doc["records"], key=lambda r: (r["checkpoint"] != "dense", r["checkpoint"], order.get(r["scheme"], 9))):
+        pct = lambda x: "-" if x is None else f"{100 * x:+.2f}%"  # noqa: E731
+        torch_ppl = "-" if r["pytorch_fp32_perplexity"] is None else f"{r['pytorch_fp32_perplexity']:.3f}"
+        hit = "-" if r["scheme"] == "fp32" else ("yes" if r.get("target_within_3pct") else "**no**")
+        rows.append(f"| {r['checkpoint']} | {r['scheme']} | {r['perplexity']:.3f} | "
+                    f"{torch_ppl} | "
+                    f"{pct(r['vs_pytorch_fp32'])} | {pct(r['vs_onnx_fp32'])} | {hit} | "
+                    f"{100 * r['sparsity_at_zero_point']:.2f}% ({r['pattern']}) | {r['fp32_matmuls']} | "
+                    f"{r['model_bytes'] / 1e6:.0f} | {r['eval_seconds']:.0f} | {r['loadavg_1m_at_start']} | "
+                    f"{r['git_commit']} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", action="append", required=True, help="NAME=CHECKPOINT_FOLDER (dense=builtin)")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of quantized.json and exit")
+    parser.add_argument("--case", action="append", default=[], help="NAME=CHECKPOINT_FOLDER (dense=builtin)")
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdsonnx-quantized"))
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(JSON_PATH.read_text())))
+        return
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
