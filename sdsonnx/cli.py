@@ -170,8 +170,12 @@ def inspect(model: str) -> None:
 @click.option("--data", default=None, help="int8-static calibration text (default: report.json's, else wiki-extracts).")
 @click.option("--calibration-segments", default=16, show_default=True, help="int8-static: segments of --data.")
 @click.option("--calibration-length", default=128, show_default=True, help="int8-static: tokens per segment.")
+@click.option("--streamed/--in-memory", default=None,
+              help="Write the weights one tensor at a time from the shards instead of loading the model (default: "
+                   "streamed when the float32 weights exceed a quarter of RAM; safetensors only).")
 def export_(checkpoint: str, out: str, task: str, opset: int | None, external_data: bool, force: bool,
-            quantize: str | None, data: str | None, calibration_segments: int, calibration_length: int) -> None:
+            quantize: str | None, data: str | None, calibration_segments: int, calibration_length: int,
+            streamed: bool | None) -> None:
     """Export CHECKPOINT (HF folder) to OUT: model.onnx with sdsonnx.* sparsity metadata, tokenizer, sdsonnx.json."""
     from .artifact.export import export_checkpoint
     from .artifact.quantize import calibration_ids, resolve_scheme
@@ -180,7 +184,7 @@ def export_(checkpoint: str, out: str, task: str, opset: int | None, external_da
     if quantize is not None and resolve_scheme(quantize) == "int8-static":
         calibration = calibration_ids(checkpoint, data, calibration_segments, calibration_length)
     manifest = export_checkpoint(checkpoint, out, task=task, opset=opset, external_data=external_data or None,
-                                 force=force, quantize=quantize, calibration=calibration)
+                                 force=force, quantize=quantize, calibration=calibration, streamed=streamed)
     if quantize is not None:
         click.echo(f"quantized {manifest['quantization']['scheme']}: every pruned weight at its zero point")
     s = manifest["sparsity"]
@@ -195,12 +199,15 @@ def export_(checkpoint: str, out: str, task: str, opset: int | None, external_da
               help="Checkpoint the export came from: enables numerics and exact weight checks.")
 @click.option("--atol", type=float, default=None, help="Absolute logit tolerance ORT vs PyTorch (default 1e-3).")
 @click.option("--rtol", type=float, default=None, help="Added tolerance per unit of max |logit| (default 1e-3).")
-def validate(out: str, checkpoint: str | None, atol: float | None, rtol: float | None) -> None:
+@click.option("--lean/--full", default=None,
+              help="Read each weight when checked, never all at once, and check numerics on one prompt with a "
+                   "block-by-block PyTorch reference (default: lean when the export exceeds a quarter of RAM).")
+def validate(out: str, checkpoint: str | None, atol: float | None, rtol: float | None, lean: bool | None) -> None:
     """Check the export in OUT (numerics, N:M sparsity, metadata); write OUT/validation.json; exit 2 on failure."""
     from .artifact.validate import DEFAULT_ATOL, DEFAULT_RTOL, format_report, validate_artifact
 
     report = validate_artifact(out, checkpoint, atol=DEFAULT_ATOL if atol is None else atol,
-                               rtol=DEFAULT_RTOL if rtol is None else rtol)
+                               rtol=DEFAULT_RTOL if rtol is None else rtol, lean=lean)
     click.echo(format_report(report))
     if not report.ok:
         sys.exit(EXIT_BAD_INPUT)

@@ -98,3 +98,32 @@ def test_tiny_checkpoints_export_in_memory_by_default(tmp_path):
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     assert stream_by_default(tmp_path / "big") is True  # 2^36 float32 values: 256 GiB, over any machine's quarter
+
+
+def test_lean_validation_passes_and_checks_numerics_block_by_block(tmp_path):
+    ck = tiny_checkpoint("llama", tmp_path / "ck", pattern="2:4")
+    export_checkpoint(ck, tmp_path / "str", streamed=True)
+    report = validate_artifact(tmp_path / "str", ck, lean=True)
+    assert report.ok, report.to_json()
+    assert len(report.weights) == 14 and all(w["matches_checkpoint"] for w in report.weights)
+    [row] = report.numerics
+    assert "lean" in row["case"] and row["positions"] == 16 and row["max_abs"] < 1e-4 and row["top1_agreement"] == 1.0
+
+
+def test_lean_validation_catches_an_edited_weight_and_a_truncated_file(tmp_path):
+    ck = tiny_checkpoint("llama", tmp_path / "ck", pattern="2:4")
+    manifest = export_checkpoint(ck, tmp_path / "str", streamed=True)
+    proto = onnx.load(tmp_path / "str" / MODEL_FILE, load_external_data=False)
+    entry = manifest["modules"]["model.layers.0.mlp.down_proj"]
+    tensor = next(t for t in proto.graph.initializer if t.name == entry["initializer"])
+    offset = int(next(e.value for e in tensor.external_data if e.key == "offset"))
+    data = tmp_path / "str" / DATA_FILE
+    raw = bytearray(data.read_bytes())
+    raw[offset:offset + 4] = np.float32(3.0).tobytes()  # a pruned or kept weight, now 3.0
+    data.write_bytes(bytes(raw))
+    report = validate_artifact(tmp_path / "str", ck, lean=True)
+    assert not report.ok
+    assert any(f.check == "weights" and "down_proj" in f.message for f in report.failures), report.to_json()
+    data.write_bytes(bytes(raw[:offset]))
+    report = validate_artifact(tmp_path / "str", ck, lean=True)
+    assert [f.check for f in report.failures] == ["weights"] and "beyond" in report.failures[0].message

@@ -114,6 +114,24 @@ def pruned_weights(model, report: dict | None) -> dict[str, np.ndarray]:
     return {name: mod.weight.detach().float().cpu().numpy() for name, mod in linears.items()}
 
 
+def lean_checkpoint(folder: Path) -> tuple[dict | None, "Mapping[str, np.ndarray]"]:
+    """(report.json or None, {module: pruned W} read from the shards on each lookup) without loading the model:
+    load_checkpoint for checkpoints too large to hold (safetensors only); CheckpointError on a bad report.json."""
+    from ..blocks import target_linears
+    from ..shards import ShardReader
+    from .streamed import LazyWeights, weightless_model
+
+    report, _ = read_checkpoint_extras(folder)
+    linears = [name for mods in target_linears(weightless_model(folder)).values() for name in mods]
+    modules = linears
+    if report and report.get("modules"):
+        unknown = sorted(set(report["modules"]) - set(linears))
+        if unknown:
+            raise CheckpointError(f"report.json names modules that are not decoder Linears of the model: {unknown[:5]}")
+        modules = list(report["modules"])
+    return report, LazyWeights(ShardReader(folder), modules)
+
+
 def load_checkpoint(folder: Path) -> tuple[dict | None, object, dict[str, np.ndarray]]:
     """(report.json or None, fp32 model, {module: pruned W}) of a checkpoint; CheckpointError on a bad report.json."""
     report, _ = read_checkpoint_extras(folder)

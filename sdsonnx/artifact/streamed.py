@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -138,3 +139,87 @@ def attach_weights(proto: onnx.ModelProto, out: Path, reader: ShardReader,
         graph.input.remove(inp)
     log.info("wrote %d initializers, %.2f GB, into %s", len(params), offset / 1e9, out / DATA_FILE)
     return written
+
+
+# ---------------------------------------------------------------- lean readers for `validate` at size
+
+class LazyInitializers(Mapping):
+    """{name: array} of every 2-D floating-point initializer (as initializers.load_initializers), each read from
+    its file when looked up and not kept: validating a model larger than memory holds one tensor at a time."""
+
+    def __init__(self, proto: onnx.ModelProto, folder: Path) -> None:
+        from .initializers import _graphs
+
+        kinds = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+        self.folder = Path(folder)
+        self.tensors = {t.name: t for g in _graphs(proto.graph) for t in g.initializer
+                        if len(t.dims) == 2 and t.data_type in kinds}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.tensors[name], base_dir=str(self.folder))
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def truncated(self) -> list[str]:
+        """Names of external tensors whose bytes lie beyond the end of their file."""
+        bad = []
+        for name, t in self.tensors.items():
+            info = {e.key: e.value for e in t.external_data}
+            if t.data_location == onnx.TensorProto.EXTERNAL and "length" in info:
+                end = int(info.get("offset", 0)) + int(info["length"])
+                if end > (self.folder / info["location"]).stat().st_size:
+                    bad.append(name)
+        return bad
+
+
+class LazyWeights(Mapping):
+    """{module: W [out, in] float32} of a checkpoint's Linears, read from its shards when looked up."""
+
+    def __init__(self, reader: ShardReader, modules: list[str]) -> None:
+        self.reader, self.modules = reader, list(modules)
+
+    def __getitem__(self, module: str) -> np.ndarray:
+        if module not in self.modules:
+            raise KeyError(module)
+        return self.reader.get(module + ".weight").to(torch.float32).numpy()
+
+    def __iter__(self):
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+def streamed_logits(checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
+    """The checkpoint's float32 logits [n, L, V] for ids [n, L] (no padding), one decoder block in memory at a time:
+    block 0's inputs are captured from the model's own embedding code, each block is loaded from the shards,
+    applied and dropped, and the model's own final norm and LM head run on the last block's output."""
+    from transformers import AutoConfig
+
+    from ..blocks import capture_block_inputs, find_blocks, replaying, run_block
+    from ..shards import block_prefix, materialize, release, skeleton
+
+    reader = ShardReader(checkpoint)
+    model = skeleton(AutoConfig.from_pretrained(checkpoint), torch.float32, reader).eval()
+    _, blocks = find_blocks(model)
+    with torch.no_grad():
+        inputs = capture_block_inputs(model, ids, torch.float32)
+        hidden, tuple_output = inputs.hidden, []
+        for index, block in enumerate(blocks):
+            materialize(block, block_prefix(model, index), reader, torch.float32)
+            handle = block.register_forward_hook(lambda m, a, out: tuple_output.append(isinstance(out, tuple)))
+            hidden = run_block(block, hidden, inputs.kwargs[index])
+            handle.remove()
+            release(block)
+        logits = []
+        with replaying(model, bool(tuple_output and tuple_output[0])) as set_output:
+            for row, h in zip(ids, hidden):
+                set_output(h[None])
+                logits.append(model(input_ids=row[None], use_cache=False).logits[0].float())
+    return torch.stack(logits)

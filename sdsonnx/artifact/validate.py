@@ -27,7 +27,8 @@ from google.protobuf.message import DecodeError
 
 from ..masks import first_group_violation, pattern_name, requested_nm
 from ..errors import InputError
-from .checkpoint import CheckpointError, config_differences, load_checkpoint, read_config, weights_digest
+from .checkpoint import (CheckpointError, config_differences, lean_checkpoint, load_checkpoint, read_config,
+                         weights_digest)
 from .files import DATA_FILE, MANIFEST, MODEL_FILE, VALIDATION_FILE
 from .initializers import OnnxWeight, WeightMappingError, consumers, input_axis, load_initializers, map_weights
 from .metadata import PREFIX, InitializerSparsity, describe_initializer, global_pattern, parse_props, read_props
@@ -349,6 +350,38 @@ def check_numerics(report: ValidationReport, model_path: Path, model, pad_id: in
                                      np.ones((batch, 1), dtype=bool)))
 
 
+LEAN_PROMPT = 16  # tokens of the one prompt numerics use at size
+
+
+def check_numerics_lean(report: ValidationReport, model_path: Path, checkpoint: Path, seed: int = 0) -> None:
+    """check_numerics for a model too large to hold twice: one unpadded prompt of LEAN_PROMPT random tokens,
+    prefill only; ONNX Runtime without weight prepacking (it would copy every MatMul weight), PyTorch one block
+    at a time from the shards (streamed.streamed_logits)."""
+    import onnxruntime as ort
+
+    from .streamed import streamed_logits
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    vocab = int(read_config(checkpoint)["vocab_size"])
+    ids = np.random.default_rng(seed).integers(3, vocab, (1, LEAN_PROMPT)).astype(np.int64)
+    mask = np.ones_like(ids)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in names:
+        feeds["position_ids"] = _positions(mask)
+    if any(n.startswith("past_key_values") for n in names):
+        feeds.update(_past_inputs(session, 1))
+    ort_logits = session.run(["logits"], feeds)[0]
+    del session
+    pt_logits = streamed_logits(checkpoint, torch.from_numpy(ids)).numpy()
+    _record(report, _compare(f"batch 1 len {LEAN_PROMPT} prefill (lean)", ort_logits, pt_logits, mask.astype(bool)))
+    report.notes.append(f"lean validation (model too large to hold twice): numerics on one prompt of {LEAN_PROMPT} "
+                        "tokens, prefill only, PyTorch reference streamed block by block")
+
+
 def _record(report: ValidationReport, row: dict) -> None:
     row["tolerance"] = report.atol + report.rtol * row["max_logit"]
     report.numerics.append(row)
@@ -362,9 +395,24 @@ def _record(report: ValidationReport, row: dict) -> None:
 
 # ---------------------------------------------------------------- entry point
 
+def lean_by_default(folder: Path, checkpoint: Path | None) -> bool:
+    """True when the export's weights exceed a quarter of this machine's memory (validate would hold them, and the
+    checkpoint's model, at once) and the checkpoint, if any, is safetensors."""
+    import os
+
+    if checkpoint is not None and not any(Path(checkpoint).glob("*.safetensors")):
+        return False
+    size = sum(p.stat().st_size for p in folder.glob("*.onnx*") if p.is_file())
+    return size > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4
+
+
 def validate_artifact(folder: str | Path, checkpoint: str | Path | None = None, atol: float = DEFAULT_ATOL,
-                      rtol: float = DEFAULT_RTOL, write: bool = True) -> ValidationReport:
-    """Run every check on the export folder (against `checkpoint` when given); write folder/validation.json."""
+                      rtol: float = DEFAULT_RTOL, write: bool = True, lean: bool | None = None) -> ValidationReport:
+    """Run every check on the export folder (against `checkpoint` when given); write folder/validation.json.
+
+    lean: read every weight from its file when a check needs it instead of holding them all, take the checkpoint's
+    weights from its shards, and check numerics on one prompt with a block-by-block PyTorch reference
+    (check_numerics_lean); None picks it for exports larger than a quarter of memory (lean_by_default)."""
     folder = Path(folder)
     proto = read_export(folder)
     if checkpoint is not None:
@@ -377,8 +425,10 @@ def validate_artifact(folder: str | Path, checkpoint: str | Path | None = None, 
 
         validate_quantized(report, folder, proto, None if checkpoint is None else Path(checkpoint))
         return _finish(report, folder, write)
+    if lean is None:
+        lean = lean_by_default(folder, None if checkpoint is None else Path(checkpoint))
     try:
-        arrays = load_initializers(proto, folder)
+        arrays = _lean_initializers(proto, folder) if lean else load_initializers(proto, folder)
     except (FileNotFoundError, OSError, ValueError) as exc:
         report.fail("weights", DATA_FILE, f"cannot read the weights of {MODEL_FILE}: {exc}")
         return _finish(report, folder, write)
@@ -387,7 +437,10 @@ def validate_artifact(folder: str | Path, checkpoint: str | Path | None = None, 
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         try:
-            ckpt_report, model, weights = load_checkpoint(checkpoint)
+            if lean:
+                (ckpt_report, weights), model = lean_checkpoint(checkpoint), None
+            else:
+                ckpt_report, model, weights = load_checkpoint(checkpoint)
         except CheckpointError as exc:
             report.fail("mapping", "report.json", str(exc))
             return _finish(report, folder, write)
@@ -398,14 +451,27 @@ def validate_artifact(folder: str | Path, checkpoint: str | Path | None = None, 
     meta = check_metadata(report, proto, arrays, uses, expected, recipe_hash, source_hash)
     manifest = check_manifest(report, folder, meta, source_hash)
     check_requests(report, manifest, arrays, uses)
-    if model is not None and any(f.check == "mapping" for f in report.failures):
+    if checkpoint is not None and any(f.check == "mapping" for f in report.failures):
         report.notes.append("numerics skipped: the checkpoint's weights are not all in the graph")
+    elif checkpoint is not None and lean:
+        check_numerics_lean(report, folder / MODEL_FILE, checkpoint)
     elif model is not None:
         pad = model.config.pad_token_id
         check_numerics(report, folder / MODEL_FILE, model, 0 if pad is None else int(pad))
     else:
         report.notes.append("numerics skipped: no --checkpoint to compare with")
     return _finish(report, folder, write)
+
+
+def _lean_initializers(proto: onnx.ModelProto, folder: Path):
+    """streamed.LazyInitializers of the export; ValueError naming tensors cut short by a truncated data file."""
+    from .streamed import LazyInitializers
+
+    arrays = LazyInitializers(proto, folder)
+    bad = arrays.truncated()
+    if bad:
+        raise ValueError(f"{len(bad)} initializer(s) end beyond their external-data file, first {bad[0]}")
+    return arrays
 
 
 def read_export(folder: Path) -> onnx.ModelProto:
