@@ -1,7 +1,7 @@
 """sdsonnx's SparseGPT and Wanda against literal ports of the reference code, so a refactor cannot drift unnoticed.
 
-The `ref_*` functions below are line-by-line ports (only the nn.Module / quantizer / CUDA / print plumbing removed,
-names kept) of:
+The `ref_*` functions (tools/peers/reference_ports.py, the one copy) are line-by-line ports (only the nn.Module /
+quantizer / CUDA / print plumbing removed, names kept) of:
   IST-DASLab/sparsegpt  sparsegpt.py   SparseGPT.add_batch, SparseGPT.fasterprune
   locuslab/wanda        lib/layerwrapper.py WrappedGPT.add_batch; lib/prune.py prune_wanda (the mask code)
 The references count n:m as prunen = pruned per group of prunem; sdsonnx's Pattern n:m counts kept weights, so
@@ -12,7 +12,8 @@ n:m here maps to prunen = m - n. Known, intended differences (asserted exactly b
 """
 from __future__ import annotations
 
-import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,133 +22,11 @@ from sdsonnx.pattern import Pattern
 from sdsonnx.prune.sparsegpt import sparsegpt_prune
 from sdsonnx.prune.wanda import wanda_prune
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "peers"))
+from reference_ports import (ref_fasterprune, ref_sparsegpt_hessian, ref_wanda_mask,  # noqa: E402
+                             ref_wanda_scaler_row)
+
 ROWS, COLS, TOKENS = 48, 256, 768
-
-
-# ---- literal ports ------------------------------------------------------------------------------------------------
-
-def ref_sparsegpt_hessian(inps: list[torch.Tensor], columns: int) -> torch.Tensor:
-    """SparseGPT.add_batch over batches inp [1, L, columns] (nn.Linear branch) -> self.H."""
-    H = torch.zeros((columns, columns))
-    nsamples = 0
-    for inp in inps:
-        if len(inp.shape) == 2:
-            inp = inp.unsqueeze(0)
-        tmp = inp.shape[0]
-        if len(inp.shape) == 3:
-            inp = inp.reshape((-1, inp.shape[-1]))
-        inp = inp.t()
-        H *= nsamples / (nsamples + tmp)
-        nsamples += tmp
-        inp = math.sqrt(2 / nsamples) * inp.float()
-        H += inp.matmul(inp.t())
-    return H
-
-
-def ref_fasterprune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, prunen: int = 0, prunem: int = 0,
-                    blocksize: int = 128, percdamp: float = .01) -> torch.Tensor:
-    """SparseGPT.fasterprune (nn.Linear, no quantizer) -> the new layer weight."""
-    W = weight.clone()
-    W = W.float()
-    rows, columns = W.shape
-    H = H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
-    Losses = torch.zeros(rows)
-
-    damp = percdamp * torch.mean(torch.diag(H))
-    diag = torch.arange(columns)
-    H[diag, diag] += damp
-    H = torch.linalg.cholesky(H)
-    H = torch.cholesky_inverse(H)
-    H = torch.linalg.cholesky(H, upper=True)
-    Hinv = H
-
-    mask = None
-
-    for i1 in range(0, columns, blocksize):
-        i2 = min(i1 + blocksize, columns)
-        count = i2 - i1
-
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-
-        if prunen == 0:
-            if mask is not None:
-                mask1 = mask[:, i1:i2]
-            else:
-                tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-                thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
-                mask1 = tmp <= thresh
-        else:
-            mask1 = torch.zeros_like(W1) == 1
-
-        for i in range(count):
-            w = W1[:, i]
-            d = Hinv1[i, i]
-
-            if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
-                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
-
-            q = w.clone()
-            q[mask1[:, i]] = 0
-
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d ** 2
-
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-
-        W[:, i1:i2] = Q1
-        Losses += torch.sum(Losses1, 1) / 2
-
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-
-    return W.reshape(weight.shape).to(weight.dtype)
-
-
-def ref_wanda_scaler_row(inps: list[torch.Tensor], columns: int) -> torch.Tensor:
-    """WrappedGPT.add_batch over batches inp [1, L, columns] (nn.Linear branch) -> self.scaler_row."""
-    scaler_row = torch.zeros((columns))
-    nsamples = 0
-    for inp in inps:
-        if len(inp.shape) == 2:
-            inp = inp.unsqueeze(0)
-        tmp = inp.shape[0]
-        if len(inp.shape) == 3:
-            inp = inp.reshape((-1, inp.shape[-1]))
-        inp = inp.t()
-        scaler_row *= nsamples / (nsamples + tmp)
-        nsamples += tmp
-        inp = inp.type(torch.float32)
-        scaler_row += torch.norm(inp, p=2, dim=1) ** 2 / nsamples
-    return scaler_row
-
-
-def ref_wanda_mask(weight: torch.Tensor, scaler_row: torch.Tensor, sparsity_ratio: float, prune_n: int = 0,
-                   prune_m: int = 0) -> torch.Tensor:
-    """prune_wanda's mask code (use_variant off) -> W_mask (True = pruned, as in the reference)."""
-    W_metric = torch.abs(weight) * torch.sqrt(scaler_row.reshape((1, -1)))
-    W_mask = (torch.zeros_like(W_metric) == 1)  ## initialize a mask to be all False
-    if prune_n != 0:
-        # structured n:m sparsity
-        for ii in range(W_metric.shape[1]):
-            if ii % prune_m == 0:
-                tmp = W_metric[:, ii:(ii + prune_m)].float()
-                W_mask.scatter_(1, ii + torch.topk(tmp, prune_n, dim=1, largest=False)[1], True)
-    else:
-        sort_res = torch.sort(W_metric, dim=-1, stable=True)
-        # unstructured pruning
-        indices = sort_res[1][:, :int(W_metric.shape[1] * sparsity_ratio)]
-        W_mask.scatter_(1, indices, True)
-    return W_mask
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------------
