@@ -14,6 +14,7 @@ docs/benchmarks/scale.json. `table(records)` is the markdown table for docs/BENC
   .venv/bin/python tools/scale_bench.py run /tmp/llama7b-shape --blocks 2         # first 2 blocks, both methods
   .venv/bin/python tools/scale_bench.py run /tmp/llama7b-shape --blocks 2 --segments 128 --length 2048
   .venv/bin/python tools/scale_bench.py write /tmp/tiny --scale tiny              # hidden 64, 2 blocks, vocab 512
+  .venv/bin/python tools/scale_bench.py write /tmp/llama7b-24 --pattern 2:4       # magnitude 2:4 + report.json
 
 The record's seconds_per_block is (prune + evaluation seconds) / blocks run (report.json's wall_seconds; the
 streamed loop loads and writes each block inside `prune`); projected_seconds adds the rest of the process time
@@ -83,11 +84,28 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, generat
     return (torch.randn(shape, generator=generator) * STD).to(dtype)
 
 
+def prune_magnitude(tensors: dict[str, torch.Tensor], pattern: str) -> dict[str, dict]:
+    """Magnitude-prune every decoder Linear weight (`*_proj.weight`) in `tensors` to the n:m `pattern` along its
+    input dimension, in place; returns report.json's module records {module: {sparsity, pattern}}."""
+    from sdsonnx.masks import keep_largest
+    from sdsonnx.pattern import Pattern
+
+    records = {}
+    for name, w in tensors.items():
+        if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+            mask = keep_largest(w.float().abs(), Pattern.parse(pattern))
+            w.mul_(mask)
+            records[name.removesuffix(".weight")] = {"sparsity": float((w == 0).float().mean()), "pattern": pattern}
+    return records
+
+
 def write_checkpoint(folder: str | Path, hidden: int = 4096, ffn: int = 11008, blocks: int = 32, heads: int = 32,
                      vocab: int = 32000, dtype: torch.dtype = torch.float16, seed: int = 0,
-                     tokenizer_documents: int | None = None) -> Path:
+                     tokenizer_documents: int | None = None, pattern: str | None = None) -> Path:
     """A LLaMA-shaped HF checkpoint with random weights in `folder`, one shard per block, plus a BPE tokenizer of
-    `vocab` ids trained on wiki-extracts (its first `tokenizer_documents` documents; None: all); returns folder."""
+    `vocab` ids trained on wiki-extracts (its first `tokenizer_documents` documents; None: all); returns folder.
+    pattern (n:m): the decoder Linears magnitude-pruned to it, with a report.json recording it per module (what
+    `sdsonnx export` checks), so the export and validation of a pruned checkpoint can be measured at size."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -96,11 +114,13 @@ def write_checkpoint(folder: str | Path, hidden: int = 4096, ffn: int = 11008, b
     config.dtype = dtype
     shapes = expected_tensors(config)
     shards = shard_names(config)
-    weight_map, total = {}, 0
+    weight_map, total, records = {}, 0, {}
     for index, names in enumerate(shards):
         file = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
         generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
         tensors = {name: random_tensor(name, shapes[name], dtype, generator) for name in names}
+        if pattern is not None:
+            records.update(prune_magnitude(tensors, pattern))
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({name: file for name in names})
@@ -109,6 +129,10 @@ def write_checkpoint(folder: str | Path, hidden: int = 4096, ffn: int = 11008, b
     (folder / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
     config.save_pretrained(folder)
     write_tokenizer(folder, vocab, tokenizer_documents)
+    if pattern is not None:
+        report = {"recipe_hash": "", "model": str(folder), "pattern": pattern, "modules": records,
+                  "note": f"random weights magnitude-pruned to {pattern} by tools/scale_bench.py write"}
+        (folder / "report.json").write_text(json.dumps(report, indent=2))
     return folder
 
 
@@ -281,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("folder")
     w.add_argument("--scale", choices=sorted(SCALES), default="7b")
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--pattern", default=None, help="magnitude-prune the decoder Linears to this n:m (e.g. 2:4)")
     r = sub.add_parser("run", help="run the methods on a written checkpoint")
     r.add_argument("folder")
     r.add_argument("--blocks", type=int, default=None, help="first k blocks only (default: all)")
@@ -294,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "write":
         start = time.perf_counter()
-        write_checkpoint(args.folder, **SCALES[args.scale], seed=args.seed)
+        write_checkpoint(args.folder, **SCALES[args.scale], seed=args.seed, pattern=args.pattern)
         print(f"wrote {args.folder} in {time.perf_counter() - start:.0f} s")
         return
     records = []
