@@ -385,14 +385,15 @@ def stage_with_fallbacks(stage, w: torch.Tensor, ctx: ModuleContext) -> tuple[to
     return weight, info
 
 
-def _stage_on_rows(stage, w: torch.Tensor, ctx: ModuleContext, group) -> tuple[torch.Tensor, dict]:
+def _stage_on_rows(stage, w: torch.Tensor, ctx: ModuleContext, group) -> tuple[torch.Tensor, dict, float]:
     """stage_with_fallbacks on this rank's rows of W (and of the dense and first-pruned weights), then the whole
-    new W [d_out, d_in] all-gathered from every rank."""
+    new W [d_out, d_in] all-gathered from every rank; with the record's output error, summed over the rows."""
     rows = group.row_slice(w.shape[0])
     local = replace(ctx, dense=ctx.dense[rows], group=group,
                     first_pruned=None if ctx.first_pruned is None else ctx.first_pruned[rows])
     weight, info = stage_with_fallbacks(stage, w[rows], local)
-    return group.gather_rows(weight.float().contiguous(), w.shape[0]), info
+    error = output_error(local.dense, weight, ctx.stats.hessian, group)
+    return group.gather_rows(weight.float().contiguous(), w.shape[0]), info, error
 
 
 def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str, nn.Linear],
@@ -424,13 +425,13 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
             check_finite_inputs(stats[name], index, name, i, stage.kind)
             t0 = time.perf_counter()
             if group is not None and stage.kind in ROW_SPLIT_STAGES:
-                weight, info = _stage_on_rows(stage, versions[i][name], ctx, group)
+                weight, info, error = _stage_on_rows(stage, versions[i][name], ctx, group)
             else:
                 weight, info = stage_with_fallbacks(stage, versions[i][name], ctx)
+                error = output_error(ctx.dense, weight, stats[name].hessian)
             check_finite_weight(weight, index, name, i, stage.kind)
             out[name] = weight.float()
-            record = StageRecord(stage.kind, float((weight == 0).float().mean()),
-                                 output_error(ctx.dense, weight, stats[name].hessian), time.perf_counter() - t0, info)
+            record = StageRecord(stage.kind, float((weight == 0).float().mean()), error, time.perf_counter() - t0, info)
             entry = result.modules.setdefault(name, ModuleRecord(index, str(ctx.pattern), list(weight.shape),
                                                                  weight.numel()))
             entry.stages.append(record)

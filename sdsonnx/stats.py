@@ -53,9 +53,14 @@ class LayerStats:
         return torch.cat(self.inputs)
 
 
-def output_error(w_ref: torch.Tensor, w: torch.Tensor, hessian: torch.Tensor) -> float:
-    """Relative reconstruction error ||W_ref X - W X||^2 / ||W_ref X||^2 from H = X X^T / N."""
+def output_error(w_ref: torch.Tensor, w: torch.Tensor, hessian: torch.Tensor, group=None) -> float:
+    """Relative reconstruction error ||W_ref X - W X||^2 / ||W_ref X||^2 from H = X X^T / N. `group`
+    (sdsonnx/distributed.RankGroup): W_ref and W are this rank's rows; numerator and denominator are summed over
+    the ranks."""
     delta = (w_ref.float() - w.float())
     num = torch.einsum("ij,jk,ik->", delta, hessian, delta)
     den = torch.einsum("ij,jk,ik->", w_ref.float(), hessian, w_ref.float())
+    if group is not None:
+        num_all, den_all = group.sums(float(num), float(den))
+        return num_all / max(den_all, 1e-30)
     return float(num / den.clamp_min(1e-30))
