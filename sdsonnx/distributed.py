@@ -15,14 +15,15 @@ Launched with torchrun (WORLD_SIZE > 1 in the environment) `sdsonnx run` joins a
            masks.topk_mask's stable sort does. Solver scalars summed over rows (losses, norms, the restart test)
            are all-reduced in float64 (`sums`): the same bits on every rank, so every rank takes the same branch.
 
-Only rank 0 evaluates (the windows advance on rank 0 alone) and writes the output; see sdsonnx/run.py and
-docs/SCALING.md. Pure pieces (`order_keys`, `radix_select`, `local_histogram`, `tie_quota`, `even_slice`) take no
+Evaluation windows are split like the calibration segments; each rank's NLL sum is all-reduced (`perplexity`).
+Only rank 0 writes the output; see sdsonnx/run.py and docs/SCALING.md. Pure pieces (`order_keys`, `radix_select`, `local_histogram`, `tie_quota`, `even_slice`) take no
 process group and are tested on simulated ranks in tests/test_distributed.py.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -125,11 +126,17 @@ class RankGroup:
         entry = self.by_kind.setdefault(kind, [0, 0, 0.0])
         entry[0], entry[1], entry[2] = entry[0] + 1, entry[1] + nbytes, entry[2] + seconds
 
-    def sample_slice(self, total: int) -> slice:
-        """This rank's calibration segments of a part of `total` (each rank needs at least one)."""
+    def sample_slice(self, total: int, what: str = "calibration segments per part") -> slice:
+        """This rank's share of `total` samples (each rank needs at least one)."""
         if total < self.world:
-            raise ValueError(f"{total} calibration segments per part cannot be split over {self.world} ranks")
+            raise ValueError(f"{total} {what} cannot be split over {self.world} ranks")
         return even_slice(total, self.rank, self.world)
+
+    def perplexity(self, local: float, tokens: int) -> float:
+        """exp(mean NLL) over every rank's windows from this rank's perplexity over `tokens` predicted tokens: the
+        NLL sums (tokens x log perplexity, float64) are all-reduced."""
+        total, count = self.sums(tokens * math.log(local), tokens)
+        return math.exp(total / count)
 
     def row_slice(self, rows: int) -> slice:
         return even_slice(rows, self.rank, self.world)

@@ -226,8 +226,8 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
     modified in place; shards.StreamedWeights: read from and written to safetensors shards). `checkpoint` is
     called with the loop's state after every block; `resume` (such a state) continues from its next block.
     `store` places the streams (RAM up to a memory budget, files beyond it; default: all in RAM). `group`
-    (sdsonnx/distributed.RankGroup, several ranks): this rank keeps its slice of every calibration part and its
-    Linears' stage work is split by rows (docs/SCALING.md); pass `windows` on one rank only."""
+    (sdsonnx/distributed.RankGroup, several ranks): this rank keeps its slice of every calibration part and of the
+    windows, and its Linears' stage work is split by rows (docs/SCALING.md); every rank gets the perplexities."""
     weights = weights or InMemoryWeights()
     store = store or StreamStore()
     device = resolve_device(recipe.device)
@@ -236,6 +236,8 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
     act_dtype = DTYPES[recipe.activation_dtype]
     if group is not None:
         calibration = _rank_samples(calibration, recipe.calibration.parts, group)
+        if windows is not None:
+            windows = windows[group.sample_slice(windows.shape[0], "evaluation windows")]
     inputs = capture_block_inputs(model, calibration, act_dtype)
     first = recipe.first_prune
     result = PipelineResult(stage_seconds=[0.0] * len(recipe.stages),
@@ -280,8 +282,10 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
     if ev is not None:
         for version in versions_measured:
             begin = time.perf_counter()
-            result.perplexity[version_name(recipe, version)] = head_perplexity(model, ev.windows, ev.hidden[version],
-                                                                               ev.tuple_output)
+            ppl = head_perplexity(model, ev.windows, ev.hidden[version], ev.tuple_output)
+            if group is not None:
+                ppl = group.perplexity(ppl, ev.windows.shape[0] * (ev.windows.shape[1] - 1))
+            result.perplexity[version_name(recipe, version)] = ppl
             _add_eval_seconds(result, recipe, version, time.perf_counter() - begin)
     return result
 

@@ -144,7 +144,7 @@ def _run_into(recipe: Recipe, work: Path, output: Path, progress: bool, texts: d
     if group is not None and group.rank > 0:
         from .distributed import ReadOnlyWeights
 
-        weights, windows = ReadOnlyWeights(weights), None  # rank 0 writes the shards and evaluates
+        weights = ReadOnlyWeights(weights)  # rank 0 writes the shards
     (work / "streams").mkdir(exist_ok=True)
     store = StreamStore(recipe.memory_budget, work / "streams")
     with timed(wall, "prune"):
