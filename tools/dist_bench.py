@@ -15,7 +15,7 @@ and the 1-minute load average before and after.
 llama7b_sds_50.yaml: SDS-SparseGPT 50%, 128 x 2048 calibration, early_exit) on LLaMA-7B and LLaMA-70B shapes:
 statistics passes and stream advances / W (samples split), solvers / W (rows split) except what every rank
 repeats (SparseGPT's factorisations 2 d_in^3 and column-loop overhead per column, the solvers' per-d_in^2 fixed
-work), evaluation passes on rank 0 alone, plus communication: bytes / bandwidth + collectives x ring latency.
+work), evaluation passes / W (windows split), plus communication: bytes / bandwidth + collectives x ring latency.
 """
 from __future__ import annotations
 
@@ -184,14 +184,14 @@ def project(workers=(1, 8, 64), bandwidth: float = 3.0e9, latency: float = 50e-6
             comm = 0.0 if w == 1 else moved / bandwidth + calls * 2 * (w - 1) * latency
             seconds = (load_factor * ((serial_flops + split_flops / w) / (gflops * 1e9) + serial_loop
                        + (plan.loop_seconds_per_block - serial_loop) / w
-                       + flops["evaluation passes"] / (eval_gflops * 1e9)) + comm)
+                       + flops["evaluation passes"] / (eval_gflops * 1e9) / w) + comm)
             memory = (F32 * shape.block_params[0] + (len(recipe.stages) + 1) * weights + grams
                       + max(F32 * (squares * lin.d_in ** 2 + wcopies * lin.d_out * lin.d_in / w) for lin in lins)
-                      + (plan.calibration_streams + 1) * cal_stream / w)
+                      + ((plan.calibration_streams + 1) * cal_stream + plan.evaluation_streams * eval_stream) / w)
             rows.append({"model": name, "workers": w, "seconds_per_block": round(seconds, 1),
                          "hours": round(seconds * shape.blocks / 3600, 2), "comm_seconds_per_block": round(comm, 2),
                          "bytes_moved_per_block_per_rank": int(moved), "collectives_per_block": calls,
-                         "memory_per_rank_bytes": int(memory), "rank0_eval_streams_bytes": int(eval_stream),
+                         "memory_per_rank_bytes": int(memory),
                          "one_process_plan_seconds_per_block": round(plan.seconds_per_block, 1)})
     return rows
 

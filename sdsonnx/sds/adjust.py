@@ -52,14 +52,14 @@ def _reselect(v: torch.Tensor, pattern: Pattern, per_row: bool) -> tuple[torch.T
 
 
 def _reselect_(v: torch.Tensor, pattern: Pattern, per_row: bool, rows: int = 256,
-               group=None) -> tuple[torch.Tensor, torch.Tensor]:
+               group=None, prune: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """_reselect written into v itself; returns (v, mask). Row-local patterns (n:m, per row) select `rows` rows
     at a time, so |V| and topk's buffers are a slice, not weight-sized (the same mask: groups are independent).
     `group`: v is this rank's rows; a matrix-wide selection is made over every rank's rows (ties: lower flat
-    index pruned first, where torch.topk's order is unspecified)."""
+    index pruned first, where torch.topk's order is unspecified); `prune`: that count over the whole matrix."""
     if group is not None and not (pattern.is_nm or per_row):
         v_abs = v.abs()
-        mask = group.prune_lowest(v_abs, prune_count(pattern.sparsity, group.numel(v_abs)))
+        mask = group.prune_lowest(v_abs, prune_count(pattern.sparsity, group.numel(v_abs)) if prune is None else prune)
         return v.masked_fill_(~mask, 0.0), mask
     if pattern.is_nm or per_row:
         mask = torch.empty_like(v, dtype=torch.bool)
@@ -85,6 +85,9 @@ def soft_mask_adjust(w_dense: torch.Tensor, w_pruned: torch.Tensor, hessian: tor
     if not satisfies_pattern(w_pruned, pattern, per_row, group):
         raise ValueError(f"w_pruned does not satisfy the pattern {pattern} it is to be adjusted within")
     start = time.perf_counter()
+    whole_prune = None  # a matrix-wide selection over row-split ranks prunes this many
+    if group is not None and not (pattern.is_nm or per_row):
+        whole_prune = prune_count(pattern.sparsity, group.numel(w_pruned))
     h = hessian.float().to(w_dense.device)
     diag = torch.diagonal(h)
     scale = torch.where(diag > 0, diag.clamp_min(0).sqrt(), torch.ones_like(diag)) if precondition else torch.ones_like(diag)
@@ -110,7 +113,7 @@ def soft_mask_adjust(w_dense: torch.Tensor, w_pruned: torch.Tensor, hessian: tor
         g.mul_(2.0).div_(lip)
         new = v.sub_(g) if own else torch.sub(v, g, out=g)
         del v, g
-        new, mask = _reselect_(new, pattern, per_row, group=group)
+        new, mask = _reselect_(new, pattern, per_row, group=group, prune=whole_prune)
         return new, mask, new @ hs
 
     def momentum_point(a: torch.Tensor, a_prev: torch.Tensor, beta: float) -> torch.Tensor:
