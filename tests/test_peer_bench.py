@@ -108,6 +108,7 @@ def test_worker_process_reference(tmp_path):
     result = peer_bench.run_worker(command, tmp_path / "log")
     assert result["linears"] == 14 and result["threads"] == 2 and result["peak_rss_bytes"] > 0
     assert result["command_seconds"] >= result["prune_seconds"] > 0
+    assert result["command_cpu_seconds"] >= result["prune_cpu_seconds"] > 0
     weights = peer_bench.load_weights(tmp_path / "out.safetensors")
     expected = _reference(_model(), _calibration(), "wanda", "2:4")
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
@@ -134,6 +135,7 @@ def test_plan_runs_interleaves_then_seeds():
 
 def _record(impl, seed=0, ppl=50.0, prune=100.0, command=120.0, rss=1000, run_id="r1", load=(1.0, 1.0, 1.0)):
     worker_result = {"prune_seconds": prune, "command_seconds": command, "load_seconds": 3.0, "threads": 2,
+                     "prune_cpu_seconds": 2 * prune, "command_cpu_seconds": 2 * command,
                      "peak_rss_bytes": rss * 2**20, "versions": {}}
     record = peer_bench.make_record(impl, "sparsegpt:2:4", seed, worker_result, ppl, 90.0,
                                     {"sparsity": 0.5, "mask_diff_vs_reference": 0.0125}, ["py", "w"], load, load,
@@ -156,12 +158,12 @@ def test_markdown_table_ratios_within_one_run():
                _record("sdsonnx", ppl=50.0, prune=100.0, command=120.0, rss=1000),
                _record("llmcompressor", ppl=50.0, prune=200.0, command=240.0, rss=2000, run_id="other")]
     lines = peer_bench.markdown_table(records).splitlines()
-    assert lines[2] == ("| sparsegpt 2:4 | sdsonnx | 0 | 50.000 | - | 1.25% | 100 | 120 | 1000 | - | - | - | 2 | "
-                        "1.0 | abc1234 |")
-    assert lines[3] == ("| sparsegpt 2:4 | llmcompressor | 0 | 50.000 | - | 1.25% | 200 | 240 | 2000 | - | - | - | 2 | "
-                        "1.0 | abc1234 |")  # another run: no ratio
-    assert lines[4] == ("| sparsegpt 2:4 | reference | 0 | 51.000 | +2.00% | 1.25% | 50 | 60 | 800 | 2.00x | 2.00x | "
-                        "1.25x | 2 | 1.0 | abc1234 |")
+    assert lines[2] == ("| sparsegpt 2:4 | sdsonnx | 0 | 50.000 | - | 1.25% | 100 | 200 | 120 | 240 | 1000 | - | - | - | "
+                        "- | - | 2 | 1.0 | abc1234 |")
+    assert lines[3] == ("| sparsegpt 2:4 | llmcompressor | 0 | 50.000 | - | 1.25% | 200 | 400 | 240 | 480 | 2000 | - | - | "
+                        "- | - | - | 2 | 1.0 | abc1234 |")  # another run: no ratio
+    assert lines[4] == ("| sparsegpt 2:4 | reference | 0 | 51.000 | +2.00% | 1.25% | 50 | 100 | 60 | 120 | 800 | 2.00x | "
+                        "2.00x | 2.00x | 2.00x | 1.25x | 2 | 1.0 | abc1234 |")
     assert lines[6] == "(no seed spread measured yet)"
 
 

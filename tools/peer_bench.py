@@ -73,15 +73,23 @@ def worker_command(impl: str, cell: str, model_dir: Path, calibration: Path, out
 
 def run_worker(command: list[str], log: Path) -> dict:
     """Run one worker; its JSON line plus command_seconds (the process's wall time, start to exit)."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     with open(log, "w") as err:
         proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, env=worker_env(), cwd=ROOT, text=True)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu
     if proc.returncode:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["command_seconds"] = seconds
+    result.update(command_seconds=seconds, command_cpu_seconds=cpu)
     return result
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def sparsity_check(weights: dict, pattern: str) -> dict:
@@ -160,6 +168,8 @@ def make_record(impl: str, cell: str, seed: int, worker: dict, ppl: float, eval_
         "case": case_id(impl, cell, seed), "run_id": run_id, "impl": impl, "method": method, "pattern": pattern,
         "seed": seed, "protocol": protocol, "perplexity": ppl,
         "prune_seconds": round(worker["prune_seconds"], 1), "command_seconds": round(worker["command_seconds"], 1),
+        "prune_cpu_seconds": round(worker.get("prune_cpu_seconds", 0.0), 1),
+        "command_cpu_seconds": round(worker.get("command_cpu_seconds", 0.0), 1),
         "load_seconds": round(worker["load_seconds"], 1), "eval_seconds": round(eval_seconds, 1),
         "peak_rss_mib": round(worker["peak_rss_bytes"] / 2**20), "threads": worker["threads"],
         "load_average_before": [round(x, 2) for x in load_before],
@@ -188,8 +198,8 @@ def markdown_table(records: list[dict]) -> str:
     """One row per run; peer rows carry sdsonnx / peer ratios against the sdsonnx run of the same cell, seed and
     benchmark invocation (run_id); seed rows (sdsonnx, seeds != 0) show the sampler's spread apart."""
     head = ("| cell | implementation | seed | perplexity | ppl vs sdsonnx | mask diff vs reference | prune s | "
-            "command s | peak RSS MiB | sdsonnx/peer prune | sdsonnx/peer command | sdsonnx/peer RSS | threads | "
-            "load avg | commit |")
+            "prune CPU s | command s | command CPU s | peak RSS MiB | sdsonnx/peer prune | sdsonnx/peer prune CPU | "
+            "sdsonnx/peer command | sdsonnx/peer command CPU | sdsonnx/peer RSS | threads | load avg | commit |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     order = {c: i for i, c in enumerate(CELLS)}
     impl_order = {i: k for k, i in enumerate(IMPLS)}
@@ -202,10 +212,12 @@ def markdown_table(records: list[dict]) -> str:
         vs = f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}%" if peer else "-"
         diff = r.get("mask_diff_vs_reference")
         diff = "-" if diff is None else f"{100 * diff:.2f}%"
-        ratios = [_ratio(base[k], r[k]) if peer else "-" for k in ("prune_seconds", "command_seconds", "peak_rss_mib")]
+        ratios = [_ratio(base[k], r[k]) if peer else "-" for k in ("prune_seconds", "prune_cpu_seconds", "command_seconds",
+                                                                   "command_cpu_seconds", "peak_rss_mib")]
         flag = " (high)" if r["high_load"] else ""
         rows.append(f"| {r['method']} {r['pattern']} | {r['impl']} | {r['seed']} | {r['perplexity']:.3f} | {vs} | "
-                    f"{diff} | {r['prune_seconds']:.0f} | {r['command_seconds']:.0f} | {r['peak_rss_mib']} | "
+                    f"{diff} | {r['prune_seconds']:.0f} | {r['prune_cpu_seconds']:.0f} | {r['command_seconds']:.0f} | "
+                    f"{r['command_cpu_seconds']:.0f} | {r['peak_rss_mib']} | "
                     f"{' | '.join(ratios)} | {r['threads']} | {load:.1f}{flag} | {r['git_commit']} |")
     return "\n".join(rows) + "\n\n" + seed_table(records)
 
