@@ -130,7 +130,9 @@ def soft_mask_adjust(w_dense: torch.Tensor, w_pruned: torch.Tensor, hessian: tor
         # momentum point y = x + beta (x - x_prev) is linear in x, so y hs comes from the cached products
         t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         beta = (t - 1.0) / t_new
-        x_new, new_mask, xh_new = step([momentum_point(x, x_prev, beta), momentum_point(xh, xh_prev, beta)], own=True)
+        pair = [momentum_point(x, x_prev, beta), momentum_point(xh, xh_prev, beta)]
+        x_prev = xh_prev = None  # not needed again this iteration: two weight-sized buffers fewer at the peak
+        x_new, new_mask, xh_new = step(pair, own=True)
         loss_new = loss(x_new, xh_new)
         if loss_new > loss_x:  # momentum overshot: plain step from x, reset momentum
             restarts += 1
