@@ -109,6 +109,8 @@ def run_recipe(recipe: Recipe, output: Path, recipe_path: str = "<recipe>", prog
     if group is not None and group.rank > 0:
         from .distributed import rank_work_area
 
+        progress = False  # one progress bar (rank 0's)
+
         with rank_work_area(output, group.rank, resume) as work:
             return _run_into(recipe, work, Path(output).resolve(), progress, texts, recipe_path, tokens, wall, resume,
                              group)
