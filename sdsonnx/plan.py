@@ -77,8 +77,11 @@ OUTPUT_LEAVES = {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "d
 # 9.30 W, second_prune (sparsegpt, adjust) 7.31 H + 13.38 W; magnitude taken as wanda.
 # SparseGPT then damped H's diagonal in place and freed its Cholesky factor early: 2.0 H fewer (measured on 1024 x
 # 8192: 6.9 -> 4.9 H of peak growth), applied to sparsegpt and to second_prune (whose H peak is its SparseGPT).
-SOLVER_WORK = {"sparsegpt": (5.5, 4.0), "wanda": (1.25, 4.0), "magnitude": (1.25, 4.0), "redense": (1.5, 9.5),
-               "second_prune": (5.5, 13.5)}
+# Re-measured after the re-dense and adjustment solvers went in place (865cf31 and the next adjust commit), with
+# MALLOC_MMAP_THRESHOLD_=65536 so that every buffer is its own mapping and the peak exact: sparsegpt 5.54 H +
+# 2.69 W, wanda 0.92 H + 3.88 W, redense 1.00 H + 6.00 W, second_prune 5.27 H + 12.85 W.
+SOLVER_WORK = {"sparsegpt": (5.5, 4.0), "wanda": (1.25, 4.0), "magnitude": (1.25, 4.0), "redense": (1.0, 6.0),
+               "second_prune": (5.5, 13.0)}
 STREAM_OUTPUT_COPIES = 1  # run_block writes each segment's output into one preallocated stream
 NAN_CHECK_COPIES = 0  # pipeline.check_finite_activations checks one segment at a time
 # pipeline.prune_model drops the captured block-0 inputs once the streams replace them

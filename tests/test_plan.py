@@ -65,8 +65,8 @@ def test_plan_bytes_on_the_tiny_config_are_the_hand_sums():
     ev_stream = ev_tokens * D * 2  # float16 storage
     streams = 2 * cal + 4 * ev_stream  # SDS: versions 1 and 3; evaluated: dense, after 1, after 2, final
     grams = 4 * (D * D + D * D + D * D + F * F)  # q/k/v, o, gate/up, down
-    # worst solver: second_prune's 5.5 H + 13.5 W float32 copies over the Linears (down_proj: d_in = F)
-    solver = int(max(4 * (5.5 * i * i + 13.5 * o * i) for o, i in lin.values()))
+    # worst solver: second_prune's 5.5 H + 13.0 W float32 copies over the Linears (down_proj: d_in = F)
+    solver = int(max(4 * (5.5 * i * i + 13.0 * o * i) for o, i in lin.values()))
     forward = 4 * 5 * (2 * F + F + 2 * D)  # gate+up outputs, the largest output again, two hidden; length 5 > 4
     params = 2 * block + 2 * V * D + D
     expected = {
