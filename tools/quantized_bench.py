@@ -72,7 +72,8 @@ def make_artifacts(checkpoint: Path, work: Path, name: str, schemes: tuple[str, 
     return out
 
 
-def measure(name: str, checkpoint: Path, work: Path, schemes: tuple[str, ...], make_only: bool = False) -> list[dict]:
+def measure(name: str, checkpoint: Path, work: Path, schemes: tuple[str, ...], make_only: bool = False,
+            evaluate: tuple[str, ...] | None = None) -> list[dict]:
     """One record per artifact of `checkpoint`: ONNX perplexity and its change vs the fp32 export and PyTorch."""
     artifacts = make_artifacts(checkpoint, work, name, schemes)
     if make_only:
@@ -80,6 +81,8 @@ def measure(name: str, checkpoint: Path, work: Path, schemes: tuple[str, ...], m
     torch_ppl = pytorch_perplexity(name, checkpoint)
     records, fp32_ppl = [], None
     for scheme, art in artifacts.items():
+        if evaluate is not None and scheme not in evaluate:
+            continue
         load = os.getloadavg()
         measured = json.loads(run([SDS, "eval", str(art["path"]), *EVAL]).strip().splitlines()[-1])
         manifest = json.loads((art["path"] / "sdsonnx.json").read_text())
@@ -107,6 +110,18 @@ def measure(name: str, checkpoint: Path, work: Path, schemes: tuple[str, ...], m
     return records
 
 
+def finalize(doc: dict) -> None:
+    """Fill each record's change vs the fp32 export of its checkpoint (also when measured by another process)."""
+    fp32 = {r["checkpoint"]: r["perplexity"] for r in doc["records"] if r["scheme"] == "fp32"}
+    for r in doc["records"]:
+        r["onnx_fp32_perplexity"] = fp32.get(r["checkpoint"])
+        r["vs_onnx_fp32"] = r["perplexity"] / fp32[r["checkpoint"]] - 1 if r["checkpoint"] in fp32 else None
+        if r["scheme"] != "fp32":
+            change = r["vs_pytorch_fp32"] if r["vs_pytorch_fp32"] is not None else r["vs_onnx_fp32"]
+            r["target_reference"] = "pytorch fp32" if r["vs_pytorch_fp32"] is not None else "onnx fp32"
+            r["target_within_3pct"] = change is not None and change <= TARGET
+
+
 def save(rec: dict) -> None:
     doc = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else {"format": "sdsonnx-quantized/1",
                                                                          "records": []}
@@ -115,6 +130,7 @@ def save(rec: dict) -> None:
                        "the PyTorch fp32 perplexity of the same checkpoint"}
     key = (rec["checkpoint"], rec["scheme"])
     doc["records"] = [r for r in doc["records"] if (r["checkpoint"], r["scheme"]) != key] + [rec]
+    finalize(doc)
     JSON_PATH.write_text(json.dumps(doc, indent=1) + "\n")
 
 
@@ -144,6 +160,7 @@ def main() -> None:
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdsonnx-quantized"))
     parser.add_argument("--make-only", action="store_true", help="make the artifacts, measure nothing")
+    parser.add_argument("--eval", default=None, help="evaluate only these artifacts (comma-separated, e.g. fp32)")
     args = parser.parse_args()
     if args.table:
         print(markdown_table(json.loads(JSON_PATH.read_text())))
@@ -158,7 +175,8 @@ def main() -> None:
             from sdsonnx.models import builtin_smollm2_dir
 
             folder = str(builtin_smollm2_dir())
-        measure(name, Path(folder), args.work, tuple(s for s in args.schemes.split(",") if s), args.make_only)
+        measure(name, Path(folder), args.work, tuple(s for s in args.schemes.split(",") if s), args.make_only,
+                None if args.eval is None else tuple(args.eval.split(",")))
 
 
 if __name__ == "__main__":
