@@ -111,30 +111,32 @@ def quantized_copy(fp32: Path, scheme: str) -> Path:
 def matrix_main(args) -> None:
     """Engines x formats x sparsities in one interleaved run -> --json (default docs/benchmarks/speed.json)."""
     import os
+    import shlex
     import subprocess
+    import sys
 
     from sdsonnx.bench.matrix import Entry, run_matrix
 
     if not args.family:
         raise SystemExit("give --family MODEL=FP32_EXPORT at least for dense")
-    entries = []
+    wanted = []  # (engine, model, format, fp32 export, precision hint)
     for spec in args.family:
         model, _, folder = spec.partition("=")
         fp32 = Path(folder)
-        for fmt in (f for f in args.ort_formats.split(",") if f):
-            entries.append(Entry("onnxruntime", model, quantized_copy(fp32, fmt), fp32))
-        for fmt in (f for f in args.ov_formats.split(",") if f):
-            entries.append(Entry("openvino", model, quantized_copy(fp32, fmt), fp32, precision_hint="f32"))
-        if model == "dense" and "fp32" in args.ov_formats.split(","):
-            entries.append(Entry("openvino", model, fp32, fp32, precision_hint="bf16"))
-    print(f"load average before: {os.getloadavg()}", flush=True)
+        wanted += [("onnxruntime", model, f, fp32, None) for f in args.ort_formats.split(",") if f]
+        wanted += [("openvino", model, f, fp32, "f32") for f in args.ov_formats.split(",") if f]
+        if model == "dense" and "fp32" in args.ov_formats.split(",") and not args.no_bf16:
+            wanted.append(("openvino", model, "fp32", fp32, "bf16"))
+    entries = [Entry(engine, model, quantized_copy(fp32, fmt), fp32, precision_hint=hint)
+               for engine, model, fmt, fp32, hint in wanted
+               if not any(f"{engine}:{model}:{fmt}".startswith(skip) for skip in args.skip)]
+    print(f"{len(entries)} entries: {[e.key for e in entries]}; load average before: {os.getloadavg()}", flush=True)
     doc = run_matrix(entries, seqs=tuple(int(s) for s in args.seq.split(",")), decode=args.decode,
                      decode_batches=tuple(int(b) for b in args.batches.split(",")), past=128,
                      threads=args.threads or 2, warmup=args.warmup, reps=args.reps)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     doc["git_commit"] = commit.stdout.strip()
-    doc["command"] = "tools/speed_bench.py " + " ".join(
-        f"--family '{f}'" for f in args.family) + f" --decode {args.decode} --warmup {args.warmup} --reps {args.reps}"
+    doc["command"] = ".venv/bin/python tools/speed_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path = args.json or REPO / "docs" / "benchmarks" / "speed.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print(matrix_table(doc), flush=True)
@@ -170,6 +172,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8", help="decode batch sizes")
     parser.add_argument("--ort-formats", default=",".join(ORT_FORMATS))
     parser.add_argument("--ov-formats", default=",".join(OV_FORMATS))
+    parser.add_argument("--skip", action="append", default=[], help="ENGINE:MODEL:FORMAT entries to leave out")
+    parser.add_argument("--no-bf16", action="store_true", help="no OpenVINO dense fp32 entry with the bf16 hint")
     parser.add_argument("--relimit-only", action="store_true",
                         help="Only recompute the speed-up limits of the records in --json (exports must still exist).")
     args = parser.parse_args()
