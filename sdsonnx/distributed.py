@@ -315,7 +315,7 @@ class RankCheckpointer:
         state = self.parity[agreed % 2].load()
         if state is None or state.next_block != agreed:
             raise ResumeError(f"rank {self.group.rank}: resume state of block {agreed} unreadable")
-        log.info("rank %d resumes at block %d", self.group.rank, agreed)
+        log.info("rank %d resumes at block %d (its states: blocks %s)", self.group.rank, agreed, sorted(mine))
         return state
 
     def commit(self, state) -> None:
