@@ -1,7 +1,7 @@
 """Distributed benchmark (issue 17): 1 process x 2 threads against 2 gloo ranks x 1 thread on a cut of SmolLM2-135M.
 
 `run` writes an SDS-SparseGPT 50% recipe (recipes/smollm2_sds_50.yaml's stages, the first --blocks decoder blocks,
-reduced calibration and evaluation), runs it once as `sdsonnx run` with OMP_NUM_THREADS=2 and once under
+reduced calibration and evaluation), runs it once as `sdsonnx run` with OMP_NUM_THREADS=--one-threads and once under
 `python -m torch.distributed.run --nproc-per-node 2` (loopback, OMP_NUM_THREADS=1) with this file as the worker,
 compares the two outputs (mask mismatches, max |dW|, perplexities) and writes a record into
 docs/benchmarks/dist.json: wall seconds per stage of both, and per rank the bytes each collective kind moved
@@ -71,7 +71,7 @@ def compare(one: Path, two: Path) -> dict:
     return {"mask_mismatches": mismatches, "max_abs_weight_diff": max_diff, "perplexity_1": p1, "perplexity_2": p2}
 
 
-def run(blocks: int, workdir: Path, segments: int, length: int, eval_tokens: int) -> dict:
+def run(blocks: int, workdir: Path, segments: int, length: int, eval_tokens: int, one_threads: int = 2) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     recipe = write_recipe(workdir, blocks, segments, length, eval_tokens)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -80,8 +80,9 @@ def run(blocks: int, workdir: Path, segments: int, length: int, eval_tokens: int
               "evaluation_tokens": eval_tokens, "load_average_before": os.getloadavg()[0]}
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "from sdsonnx.cli import main; main()", "run", str(recipe), "-o", str(workdir / "one"), "--force",
-                    "--no-progress"], env={**env, "OMP_NUM_THREADS": "2"}, check=True, cwd=ROOT)
-    record["one_process_2_threads_seconds"] = round(time.perf_counter() - start, 2)
+                    "--no-progress"], env={**env, "OMP_NUM_THREADS": str(one_threads)}, check=True, cwd=ROOT)
+    record["one_process_threads"] = one_threads
+    record["one_process_seconds"] = round(time.perf_counter() - start, 2)
     record["load_average_between"] = os.getloadavg()[0]
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
@@ -96,7 +97,8 @@ def run(blocks: int, workdir: Path, segments: int, length: int, eval_tokens: int
         record[f"peak_rss_bytes_{key}"] = report["peak_rss_bytes"]
     record["ranks"] = [json.loads((workdir / f"rank{r}.json").read_text()) for r in range(2)]
     record.update(compare(workdir / "one", workdir / "two"))
-    record["command"] = f"tools/dist_bench.py run --blocks {blocks} --segments {segments} --length {length}"
+    record["command"] = (f"tools/dist_bench.py run --blocks {blocks} --segments {segments} --length {length} "
+                         f"--eval-tokens {eval_tokens} --one-threads {one_threads}")
     records = json.loads(JSON_PATH.read_text())["records"] if JSON_PATH.is_file() else []
     JSON_PATH.write_text(json.dumps({"records": records + [record]}, indent=2) + "\n")
     return record
@@ -205,6 +207,7 @@ def main() -> None:
     r.add_argument("--segments", type=int, default=16)
     r.add_argument("--length", type=int, default=512)
     r.add_argument("--eval-tokens", type=int, default=8192)
+    r.add_argument("--one-threads", type=int, default=2, help="threads of the one-process run")
     pr = sub.add_parser("project")
     pr.add_argument("--bandwidth", type=float, default=3.0e9, help="bytes/s per rank (25 GbE ~ 3e9)")
     pr.add_argument("--latency", type=float, default=50e-6, help="seconds per ring step of a small collective")
@@ -217,7 +220,8 @@ def main() -> None:
     w.add_argument("stats_dir")
     args = parser.parse_args()
     if args.command == "run":
-        print(json.dumps(run(args.blocks, args.workdir, args.segments, args.length, args.eval_tokens), indent=2))
+        print(json.dumps(run(args.blocks, args.workdir, args.segments, args.length, args.eval_tokens,
+                             args.one_threads), indent=2))
     elif args.command == "project":
         print(json.dumps(project(bandwidth=args.bandwidth, latency=args.latency, gflops=args.gflops,
                                  eval_gflops=args.eval_gflops, load_factor=args.load_factor), indent=2))
