@@ -21,6 +21,7 @@ process group and are tested on simulated ranks in tests/test_distributed.py.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from .stats import LayerStats
 log = logging.getLogger(__name__)
 
 KEY_OFFSET = 2 ** 31  # keys live in [0, 2^32)
+COLLECTIVE_TIMEOUT_S = 4 * 3600  # gloo's default is 30 min; a 70B block's uneven work (a slow host) may exceed it
 
 
 def even_slice(total: int, rank: int, world: int) -> slice:
@@ -227,8 +229,8 @@ def from_environment() -> RankGroup | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
+    if not dist.is_initialized():  # a rank waits in a collective at most as long as the ranks' work differs
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     group = RankGroup(dist.get_rank(), dist.get_world_size())
     log.info("rank %d of %d (gloo)", group.rank, group.world)
     return group
