@@ -322,7 +322,7 @@ class RankCheckpointer:
 
     def commit(self, state) -> None:
         checkpointer = self.parity[state.next_block % 2]
-        checkpointer.folder.parent.mkdir(exist_ok=True)
+        checkpointer.folder.parent.mkdir(parents=True, exist_ok=True)
         checkpointer.commit(state)
 
     def clear(self) -> None:

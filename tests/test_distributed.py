@@ -165,6 +165,30 @@ def test_row_split_solvers_equal_one_process_on_the_same_h(world, pattern):
         assert abs(r1 - r2) <= 1e-5 * r1 and diff <= 5e-3, (name, pattern, world, diff, r1, r2)
 
 
+def test_rank_checkpointer_resumes_every_rank_at_the_newest_common_block(tmp_path):
+    from sdsonnx.distributed import RankCheckpointer
+    from sdsonnx.pipeline import StreamKey
+    from sdsonnx.resume import LoopState
+
+    key = StreamKey(1, 0)
+
+    def state(block: int) -> LoopState:
+        return LoopState(block, {key: torch.full((2, 3, 4), float(block))}, {}, None, {}, [0.0], {}, None, [])
+
+    def commits(last: dict[int, int]):
+        def work(g):
+            folder = tmp_path / str(last) / f"rank{g.rank}"
+            for block in range(1, last[g.rank] + 1):
+                RankCheckpointer(folder, {"recipe_hash": "x"}, g).commit(state(block))
+            loaded = RankCheckpointer(folder, {"recipe_hash": "x"}, g).load()
+            return None if loaded is None else (loaded.next_block, float(loaded.streams[key][0, 0, 0]))
+        return work
+
+    assert on_threads(2, commits({0: 2, 1: 3})) == [(2, 2.0), (2, 2.0)]  # rank 1 one block ahead: its older state
+    assert on_threads(2, commits({0: 4, 1: 4})) == [(4, 4.0), (4, 4.0)]
+    assert on_threads(2, commits({0: 0, 1: 1})) == [None, None]  # a rank without a state: both start over
+
+
 # ---- 2 gloo ranks against 1 process ------------------------------------------------------------------------------
 
 def _setup(tmp: Path) -> None:
