@@ -208,20 +208,14 @@ class RankGroup:
         return ~lowest_mask(keys, threshold, tie_quota(equal, need, self.rank)).reshape(scores.shape)
 
 
-def select_mask_rows(scores: torch.Tensor, pattern: Pattern, per_row: bool, group: RankGroup | None,
-                     prune: int | None = None) -> torch.Tensor:
-    """masks.select_mask on this rank's rows of a row-split score matrix (group None: one process, the very same
-    call). `prune`: the count to prune over the whole matrix (default round(s * whole numel))."""
+def select_mask_rows(scores: torch.Tensor, pattern: Pattern, per_row: bool, group: RankGroup | None) -> torch.Tensor:
+    """masks.select_mask on this rank's rows of a row-split score matrix [rows, in] (group None: one process, the
+    very same call): n:m and per-row groups are row-local, a matrix-wide count is the whole matrix's."""
     if pattern.is_nm:
         return nm_mask(scores, pattern.n, pattern.m)
-    if group is None:
-        if prune is None:
-            return topk_mask(scores, pattern.sparsity, per_row)
-        return topk_mask(scores, prune / scores.numel(), per_row=False)
-    if per_row:
-        return topk_mask(scores, pattern.sparsity, per_row=True)
-    k = prune_count(pattern.sparsity, group.numel(scores)) if prune is None else prune
-    return group.prune_lowest(scores, k)
+    if group is None or per_row:
+        return topk_mask(scores, pattern.sparsity, per_row)
+    return group.prune_lowest(scores, prune_count(pattern.sparsity, group.numel(scores)))
 
 
 def from_environment() -> RankGroup | None:
