@@ -57,10 +57,10 @@ def case_id(impl: str, cell: str, seed: int) -> str:
     return f"{impl}:{cell}:seed{seed}"
 
 
-def worker_env() -> dict[str, str]:
-    """Two threads everywhere, offline hubs, nothing of this venv leaking into the other."""
+def worker_env(threads: int = THREADS) -> dict[str, str]:
+    """`threads` threads everywhere (default 2), offline hubs, nothing of this venv leaking into the other."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), PEER_THREADS=str(THREADS),
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PEER_THREADS=str(threads),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                TQDM_DISABLE="1")
     return env
@@ -71,11 +71,12 @@ def worker_command(impl: str, cell: str, model_dir: Path, calibration: Path, out
     return [str(PYTHONS[impl]), str(WORKER), impl, method, pattern, str(model_dir), str(calibration), str(out)]
 
 
-def run_worker(command: list[str], log: Path) -> dict:
+def run_worker(command: list[str], log: Path, threads: int = THREADS) -> dict:
     """Run one worker; its JSON line plus command_seconds (the process's wall time, start to exit)."""
     start, cpu = time.perf_counter(), _children_cpu()
     with open(log, "w") as err:
-        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, env=worker_env(), cwd=ROOT, text=True)
+        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, env=worker_env(threads), cwd=ROOT,
+                              text=True)
     seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu
     if proc.returncode:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
@@ -279,6 +280,7 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=quality_bench.PROTOCOL["calibration"]["segments"])
     parser.add_argument("--length", type=int, default=quality_bench.PROTOCOL["calibration"]["length"])
     parser.add_argument("--max-tokens", type=int, default=quality_bench.PROTOCOL["evaluation"]["max_tokens"])
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads of every worker and the evaluation")
     parser.add_argument("--json", type=Path, default=JSON_PATH)
     parser.add_argument("--no-markdown", action="store_true")
     args = parser.parse_args()
@@ -289,7 +291,7 @@ def main() -> None:
         raise SystemExit(f"--impls: choose from {IMPLS}")
     seeds = [int(s) for s in args.seeds.split(",")]
     cal, ev = quality_bench.PROTOCOL["calibration"], quality_bench.PROTOCOL["evaluation"]
-    full = args.num_blocks is None and (args.segments, args.length, args.max_tokens) == (
+    full = args.num_blocks is None and args.threads == THREADS and (args.segments, args.length, args.max_tokens) == (
         cal["segments"], cal["length"], ev["max_tokens"])
     if not full and args.json == JSON_PATH:
         raise SystemExit("a shortened protocol must not write docs/benchmarks/peers.json: pass --json elsewhere")
@@ -301,7 +303,7 @@ def main() -> None:
 
     from sdsonnx.models import load_model
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     protocol = {"model": "smollm2-135m" + (f" (first {args.num_blocks} blocks)" if args.num_blocks else ""),
                 "calibration": {**cal, "segments": args.segments, "length": args.length},
@@ -322,7 +324,7 @@ def main() -> None:
             print(f"running {case_id(impl, cell, seed)} (load {os.getloadavg()[0]:.1f}) ...", flush=True)
             commit = quality_bench.git_commit()
             before = os.getloadavg()
-            worker = run_worker(command, tmp / "worker.log")
+            worker = run_worker(command, tmp / "worker.log", args.threads)
             after = os.getloadavg()
             weights = load_weights(out)
             ppl, eval_seconds = evaluate(model, weights, windows)
