@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from .errors import InputError
 from .masks import nm_mask, prune_count, topk_mask
 from .pattern import Pattern
 from .stats import LayerStats
@@ -43,6 +44,12 @@ from .stats import LayerStats
 log = logging.getLogger(__name__)
 
 KEY_OFFSET = 2 ** 31  # keys live in [0, 2^32)
+
+
+class DistributedError(InputError, ValueError):
+    """A recipe that cannot run on this many ranks (too few samples or windows, a solver that needs every token on
+    one rank): exit code 2."""
+
 COLLECTIVE_TIMEOUT_S = 4 * 3600  # gloo's default is 30 min; a 70B block's uneven work (a slow host) may exceed it
 
 
@@ -131,7 +138,8 @@ class RankGroup:
     def sample_slice(self, total: int, what: str = "calibration segments per part") -> slice:
         """This rank's share of `total` samples (each rank needs at least one)."""
         if total < self.world:
-            raise ValueError(f"{total} {what} cannot be split over {self.world} ranks")
+            raise DistributedError(f"{total} {what} cannot be split over {self.world} ranks: use fewer ranks or more "
+                                   "samples")
         return even_slice(total, self.rank, self.world)
 
     def perplexity(self, local: float, tokens: int) -> float:
@@ -151,9 +159,6 @@ class RankGroup:
     def all_true(self, flag: bool) -> bool:
         return bool(int(self._all_reduce(torch.tensor([int(flag)]), "scalars", dist.ReduceOp.MIN)[0]))
 
-    def max_int(self, value: int) -> int:
-        return int(self._all_reduce(torch.tensor([value], dtype=torch.int64), "scalars", dist.ReduceOp.MAX)[0])
-
     def min_int(self, value: int) -> int:
         return int(self._all_reduce(torch.tensor([value], dtype=torch.int64), "scalars", dist.ReduceOp.MIN)[0])
 
@@ -168,8 +173,8 @@ class RankGroup:
                 continue
             seen.add(id(s))
             if s.keep_inputs:
-                raise ValueError("solver: sgd keeps raw inputs per rank; it is not supported on several ranks "
-                                 "(use solver: gram)")
+                raise DistributedError("redense solver: sgd needs every raw input on one rank; it is not supported on "
+                                       "several ranks (use solver: gram)")
             if s.sq_norm is None:
                 raise ValueError("a rank saw no calibration inputs for a Linear")
             self._all_reduce(s.sq_norm, "stats")

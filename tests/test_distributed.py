@@ -83,6 +83,12 @@ def test_even_slice_and_tie_quota():
     assert [tie_quota([2, 3, 4], 4, r) for r in range(3)] == [2, 2, 0]
     with pytest.raises(ValueError):
         even_slice(4, 2, 2)
+    from sdsonnx.distributed import DistributedError
+    from sdsonnx.errors import InputError
+
+    with pytest.raises(DistributedError, match="1 evaluation windows cannot be split over 2 ranks") as caught:
+        RankGroup(0, 2).sample_slice(1, "evaluation windows")
+    assert isinstance(caught.value, InputError)  # the CLI's exit code 2
 
 
 class ThreadGroup(RankGroup):
@@ -130,8 +136,7 @@ def layer(seed: int = 0, d_out: int = 48, d_in: int = 64, tokens: int = 256):
     return torch.randn(d_out, d_in, generator=gen), x.T @ x / tokens
 
 
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+@pytest.mark.parametrize("world, pattern", [(2, "0.5"), (3, "2:4")])
 def test_row_split_solvers_equal_one_process_on_the_same_h(world, pattern):
     from sdsonnx.pattern import Pattern
     from sdsonnx.prune import prune
