@@ -216,7 +216,8 @@ def markdown_table(records: list[dict]) -> str:
         ratios = [_ratio(base[k], r[k]) if peer else "-" for k in ("prune_seconds", "prune_cpu_seconds", "command_seconds",
                                                                    "command_cpu_seconds", "peak_rss_mib")]
         flag = " (high)" if r["high_load"] else ""
-        rows.append(f"| {r['method']} {r['pattern']} | {r['impl']} | {r['seed']} | {r['perplexity']:.3f} | {vs} | "
+        short = "" if r["protocol"].get("full", True) else " (short check)"
+        rows.append(f"| {r['method']} {r['pattern']}{short} | {r['impl']} | {r['seed']} | {r['perplexity']:.3f} | {vs} | "
                     f"{diff} | {r['prune_seconds']:.0f} | {r['prune_cpu_seconds']:.0f} | {r['command_seconds']:.0f} | "
                     f"{r['command_cpu_seconds']:.0f} | {r['peak_rss_mib']} | "
                     f"{' | '.join(ratios)} | {r['threads']} | {load:.1f}{flag} | {r['git_commit']} |")
