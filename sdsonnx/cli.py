@@ -117,7 +117,10 @@ def run(recipe: str, output: str | None, no_progress: bool, force: bool, resume:
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (perplexity, tokens, windows, window, seconds, load_seconds, "
                    "peak_rss_bytes, model, data, max_tokens) and no progress bar.")
-def eval_(model: str, data: str, window: int, max_tokens: int | None, as_json: bool) -> None:
+@click.option("--streamed/--in-memory", default=None,
+              help="Hold one decoder block at a time (a local safetensors checkpoint; default: streamed when its "
+                   "float32 weights exceed a quarter of RAM).")
+def eval_(model: str, data: str, window: int, max_tokens: int | None, as_json: bool, streamed: bool | None) -> None:
     """Print the perplexity of MODEL (checkpoint dir, export folder with model.onnx, smollm2-135m, GGUF or hub id)."""
     import json
     import resource
@@ -130,10 +133,20 @@ def eval_(model: str, data: str, window: int, max_tokens: int | None, as_json: b
     from .artifact.onnx_eval import is_onnx_folder, load_onnx, onnx_perplexity
 
     start = time.perf_counter()
-    net, tokenizer = load_onnx(model) if is_onnx_folder(model) else load_model(model)  # ONNX Runtime, no KV cache
-    windows = evaluation_windows(tokenizer, load_split_texts(data, "evaluation"), window, max_tokens)
-    loaded = time.perf_counter()
-    ppl = (onnx_perplexity if is_onnx_folder(model) else perplexity)(net, windows, progress=not as_json)
+    if not is_onnx_folder(model) and _streams(model, streamed):
+        from transformers import AutoTokenizer
+
+        from .evaluate import streamed_perplexity
+
+        windows = evaluation_windows(AutoTokenizer.from_pretrained(model), load_split_texts(data, "evaluation"), window,
+                                     max_tokens)
+        loaded = time.perf_counter()
+        ppl = streamed_perplexity(model, windows, progress=not as_json)
+    else:
+        net, tokenizer = load_onnx(model) if is_onnx_folder(model) else load_model(model)  # ONNX Runtime, no KV cache
+        windows = evaluation_windows(tokenizer, load_split_texts(data, "evaluation"), window, max_tokens)
+        loaded = time.perf_counter()
+        ppl = (onnx_perplexity if is_onnx_folder(model) else perplexity)(net, windows, progress=not as_json)
     if not as_json:
         click.echo(f"perplexity {ppl:.4f} ({windows.numel()} tokens, {windows.shape[0]} windows of {window})")
         return
@@ -143,6 +156,19 @@ def eval_(model: str, data: str, window: int, max_tokens: int | None, as_json: b
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: ru_maxrss in KiB
         "model": model, "data": data, "max_tokens": max_tokens,
     }))
+
+
+def _streams(model: str, streamed: bool | None) -> bool:
+    """Whether `eval` streams MODEL: asked, or a safetensors folder too large to load; exit 2 when asked for a
+    model that is not a local safetensors folder."""
+    from pathlib import Path
+
+    from .shards import too_large_to_load
+
+    local = Path(model).is_dir() and any(Path(model).glob("*.safetensors"))
+    if streamed and not local:
+        raise click.BadParameter(f"{model} is not a local folder of safetensors weights", param_hint="--streamed")
+    return local and (streamed if streamed is not None else too_large_to_load(Path(model)))
 
 
 @main.command()

@@ -47,3 +47,34 @@ def head_perplexity(model: torch.nn.Module, windows: torch.Tensor, final_hidden:
             logits = model(input_ids=batch, use_cache=False).logits
             total += window_nll(logits, batch).cpu()
     return math.exp(total.item() / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+@torch.no_grad()
+def streamed_final_hidden(folder, ids: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """(model skeleton, last block's outputs [n, L, d], blocks return tuples) for token ids [n, L] of a safetensors
+    checkpoint `folder`, holding one decoder block at a time: block 0's inputs come from the model's own
+    embedding code, each block is loaded from the shards in `dtype`, applied one row at a time and dropped."""
+    from transformers import AutoConfig
+
+    from .blocks import capture_block_inputs, find_blocks, run_block
+    from .shards import ShardReader, block_prefix, materialize, release, skeleton
+
+    reader = ShardReader(folder)
+    model = skeleton(AutoConfig.from_pretrained(folder), dtype, reader).eval()
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, ids, dtype)
+    hidden, tuple_output = inputs.hidden, []
+    for index, block in enumerate(blocks):
+        materialize(block, block_prefix(model, index), reader, dtype)
+        handle = block.register_forward_hook(lambda m, a, out: tuple_output.append(isinstance(out, tuple)))
+        hidden = run_block(block, hidden, inputs.kwargs[index])
+        handle.remove()
+        release(block)
+    return model, hidden, bool(tuple_output and tuple_output[0])
+
+
+def streamed_perplexity(folder, windows: torch.Tensor, progress: bool = False) -> float:
+    """perplexity() of a float32 safetensors checkpoint that is never whole in memory (streamed_final_hidden,
+    then the model's own final norm and LM head: head_perplexity)."""
+    model, hidden, as_tuple = streamed_final_hidden(folder, windows)
+    return head_perplexity(model, windows, hidden, as_tuple, progress)

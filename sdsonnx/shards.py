@@ -27,6 +27,24 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def too_large_to_load(folder: Path) -> bool:
+    """True when the safetensors weights of `folder`, in float32, exceed a quarter of this machine's memory: a
+    whole-model load (and optimum's export, which holds them about three times) would not fit comfortably, so
+    export, validate and eval stream them instead. False for a folder without safetensors."""
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in info["shape"]:
+                    count *= int(dim)
+                total += 4 * count
+    return total > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4
+
+
 class ShardError(InputError):
     """A checkpoint's tensors do not match its config (a missing tensor, a wrong shape): exit code 2."""
 

@@ -127,3 +127,25 @@ def test_lean_validation_catches_an_edited_weight_and_a_truncated_file(tmp_path)
     data.write_bytes(bytes(raw[:offset]))
     report = validate_artifact(tmp_path / "str", ck, lean=True)
     assert [f.check for f in report.failures] == ["weights"] and "beyond" in report.failures[0].message
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {"tie_word_embeddings": True}), ("opt", {})])
+def test_streamed_perplexity_equals_the_whole_model_perplexity(tmp_path, arch, overrides):
+    from sdsonnx.evaluate import perplexity, streamed_perplexity
+    from sdsonnx.models import load_model
+
+    ck = tiny_checkpoint(arch, tmp_path / "ck", pattern="2:4", **overrides)
+    windows = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(1))
+    model, _ = load_model(str(ck))
+    with torch.no_grad():
+        whole = perplexity(model, windows, progress=False)
+    assert streamed_perplexity(ck, windows) == pytest.approx(whole, rel=1e-6)
+
+
+def test_eval_streamed_refuses_a_model_that_is_not_a_local_folder():
+    from click.testing import CliRunner
+
+    from sdsonnx.cli import main
+
+    result = CliRunner().invoke(main, ["eval", "smollm2-135m", "--streamed", "--max-tokens", "64"])
+    assert result.exit_code == 2 and "not a local folder" in result.output

@@ -10,9 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import os
 import platform
-import struct
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,19 +128,10 @@ def check_export_request(checkpoint: Path, task: str) -> None:
 
 
 def stream_by_default(checkpoint: Path) -> bool:
-    """True when the checkpoint's weights in float32 exceed a quarter of this machine's memory (optimum's export
-    would hold them about three times) and they are safetensors, which the streamed export reads tensor by tensor."""
-    files = sorted(checkpoint.glob("*.safetensors"))
-    if not files:
-        return False
-    fp32_bytes = 0
-    for path in files:
-        with path.open("rb") as fh:
-            size = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(size))
-        fp32_bytes += sum(4 * int(np.prod(info["shape"], dtype=np.int64)) for name, info in header.items()
-                          if name != "__metadata__")
-    return fp32_bytes > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4
+    """True for safetensors checkpoints too large to load comfortably (shards.too_large_to_load)."""
+    from ..shards import too_large_to_load
+
+    return too_large_to_load(checkpoint)
 
 
 def write_export(checkpoint: Path, out: Path, task: str = "text-generation-with-past", opset: int | None = None,

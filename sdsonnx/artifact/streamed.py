@@ -197,29 +197,15 @@ class LazyWeights(Mapping):
 
 
 def streamed_logits(checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
-    """The checkpoint's float32 logits [n, L, V] for ids [n, L] (no padding), one decoder block in memory at a time:
-    block 0's inputs are captured from the model's own embedding code, each block is loaded from the shards,
-    applied and dropped, and the model's own final norm and LM head run on the last block's output."""
-    from transformers import AutoConfig
+    """The checkpoint's float32 logits [n, L, V] for ids [n, L] (no padding), one decoder block in memory at a time
+    (evaluate.streamed_final_hidden), then the model's own final norm and LM head on the last block's output."""
+    from ..blocks import replaying
+    from ..evaluate import streamed_final_hidden
 
-    from ..blocks import capture_block_inputs, find_blocks, replaying, run_block
-    from ..shards import block_prefix, materialize, release, skeleton
-
-    reader = ShardReader(checkpoint)
-    model = skeleton(AutoConfig.from_pretrained(checkpoint), torch.float32, reader).eval()
-    _, blocks = find_blocks(model)
-    with torch.no_grad():
-        inputs = capture_block_inputs(model, ids, torch.float32)
-        hidden, tuple_output = inputs.hidden, []
-        for index, block in enumerate(blocks):
-            materialize(block, block_prefix(model, index), reader, torch.float32)
-            handle = block.register_forward_hook(lambda m, a, out: tuple_output.append(isinstance(out, tuple)))
-            hidden = run_block(block, hidden, inputs.kwargs[index])
-            handle.remove()
-            release(block)
-        logits = []
-        with replaying(model, bool(tuple_output and tuple_output[0])) as set_output:
-            for row, h in zip(ids, hidden):
-                set_output(h[None])
-                logits.append(model(input_ids=row[None], use_cache=False).logits[0].float())
+    model, hidden, as_tuple = streamed_final_hidden(checkpoint, ids)
+    logits = []
+    with torch.no_grad(), replaying(model, as_tuple) as set_output:
+        for row, h in zip(ids, hidden):
+            set_output(h[None])
+            logits.append(model(input_ids=row[None], use_cache=False).logits[0].float())
     return torch.stack(logits)
