@@ -149,3 +149,18 @@ def test_eval_streamed_refuses_a_model_that_is_not_a_local_folder():
 
     result = CliRunner().invoke(main, ["eval", "smollm2-135m", "--streamed", "--max-tokens", "64"])
     assert result.exit_code == 2 and "not a local folder" in result.output
+
+
+def test_lean_validation_notes_numerics_it_could_not_run(tmp_path, monkeypatch):
+    import onnxruntime
+
+    ck = tiny_checkpoint("llama", tmp_path / "ck", pattern="2:4")
+    export_checkpoint(ck, tmp_path / "str", streamed=True)
+
+    def refuse(*args, **kwargs):
+        raise MemoryError("not enough memory for the allocation")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    report = validate_artifact(tmp_path / "str", ck, lean=True)
+    assert report.ok and not report.numerics and len(report.weights) == 14
+    assert any(n.startswith("numerics skipped: ONNX Runtime could not load") for n in report.notes)
