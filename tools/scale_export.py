@@ -67,14 +67,18 @@ def measured(cmd: list[str]) -> dict:
             "returncode": proc.returncode, "stdout": stdout, "stderr": stderr}
 
 
-def export_and_validate(checkpoint: Path, out: Path) -> dict:
-    """The scale_export.json record of one export + lean validation of `checkpoint` into `out`."""
+def export_and_validate(checkpoint: Path, out: Path, validate_too: bool = True) -> dict:
+    """The scale_export.json record of one export + lean validation of `checkpoint` into `out` (validation fields
+    None when not `validate_too` or when validation wrote no validation.json; its stderr tail is then kept)."""
     sdsonnx = [sys.executable, "-c", "import sys; from sdsonnx.cli import main; sys.argv[0] = 'sdsonnx'; main()"]
     export = measured([*sdsonnx, "export", str(checkpoint), str(out), "--streamed", "--force"])
     if export["returncode"]:
         raise RuntimeError(f"export failed ({export['returncode']}):\n{export['stderr'][-4000:]}")
-    validate = measured([*sdsonnx, "validate", str(out), "--checkpoint", str(checkpoint), "--lean"])
-    result = json.loads((out / "validation.json").read_text())
+    validate = {"seconds": None, "peak_rss_bytes": None, "peak_anon_bytes": None, "returncode": None, "stderr": ""}
+    if validate_too:
+        validate = measured([*sdsonnx, "validate", str(out), "--checkpoint", str(checkpoint), "--lean"])
+    path = out / "validation.json"
+    result = json.loads(path.read_text()) if validate_too and path.is_file() else {}
     numerics = result.get("numerics") or [{}]
     data = sum(p.stat().st_size for p in out.glob("model.onnx*"))
     return {
@@ -86,7 +90,9 @@ def export_and_validate(checkpoint: Path, out: Path) -> dict:
         "export_peak_anon_bytes": export["peak_anon_bytes"],
         "validate_seconds": validate["seconds"], "validate_peak_rss_bytes": validate["peak_rss_bytes"],
         "validate_peak_anon_bytes": validate["peak_anon_bytes"],
-        "validation_ok": validate["returncode"] == 0 and not result.get("failures"),
+        "validation_ok": (validate["returncode"] == 0 and not result.get("failures")) if result else None,
+        "validate_stderr_tail": None if result or not validate_too else validate["stderr"][-2000:],
+        "notes": result.get("notes", []),
         "validation_failures": [f.get("message") for f in result.get("failures", [])][:5],
         "numerics_max_abs": numerics[0].get("max_abs"), "numerics_top1": numerics[0].get("top1_agreement"),
         "weights_checked": len(result.get("weights", [])),
@@ -102,16 +108,19 @@ def table(records: list[dict]) -> str:
     lines = ["| model shape | checkpoint | ONNX on disk | export peak RSS (anon) | export time | validate peak RSS "
              "(anon) | validate time | weights checked | numerics max abs diff (top-1) | valid | load avg | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    gib = lambda b: "-" if b is None else f"{b / GIB:.2f} GiB"  # noqa: E731
+    minutes = lambda t: "-" if t is None else f"{t / 60:.1f} min"  # noqa: E731
     for r in records:
         s = r["shape"]
+        num = "-" if r.get("numerics_max_abs") is None else f"{r['numerics_max_abs']:.2g} ({r['numerics_top1']:.2f})"
+        ok = {True: "yes", False: "NO", None: "-"}[r.get("validation_ok")]
         lines.append(
             f"| LLaMA hidden {s['hidden']}, FFN {s['ffn']}, {s['blocks']} blocks, vocab {s['vocab']} | "
             f"{r['pattern']} magnitude, fp16 | {r['onnx_bytes'] / GIB:.1f} GiB fp32 | "
-            f"{r['export_peak_rss_bytes'] / GIB:.2f} GiB ({r['export_peak_anon_bytes'] / GIB:.2f}) | "
-            f"{r['export_seconds'] / 60:.1f} min | {r['validate_peak_rss_bytes'] / GIB:.2f} GiB "
-            f"({r['validate_peak_anon_bytes'] / GIB:.2f}) | {r['validate_seconds'] / 60:.1f} min | "
-            f"{r['weights_checked']} | {r['numerics_max_abs']:.2g} ({r['numerics_top1']:.2f}) | "
-            f"{'yes' if r['validation_ok'] else 'NO'} | {r['load_average_after']} | {r['commit']} |")
+            f"{gib(r['export_peak_rss_bytes'])} ({gib(r['export_peak_anon_bytes'])}) | {minutes(r['export_seconds'])} | "
+            f"{gib(r['validate_peak_rss_bytes'])} ({gib(r['validate_peak_anon_bytes'])}) | "
+            f"{minutes(r['validate_seconds'])} | {r['weights_checked']} | {num} | {ok} | {r['load_average_after']} | "
+            f"{r['commit']} |")
     return "\n".join(lines)
 
 
@@ -120,8 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--json", type=Path, default=JSON_PATH)
+    parser.add_argument("--no-validate", action="store_true", help="measure the export only")
     args = parser.parse_args(argv)
-    record = export_and_validate(args.checkpoint.resolve(), args.out.resolve())
+    record = export_and_validate(args.checkpoint.resolve(), args.out.resolve(), not args.no_validate)
     print(json.dumps(record, indent=2), flush=True)
     old = json.loads(args.json.read_text())["records"] if args.json.is_file() else []
     records = [r for r in old if r["shape"] != record["shape"] or r["pattern"] != record["pattern"]] + [record]
