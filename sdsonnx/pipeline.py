@@ -13,8 +13,11 @@ Per block:  0. weights.load: the block's weights (read from the source shards wh
                hooks that accumulate X X^T of every target Linear's input, apply the stage function;
             3. advance each stream through the block with that stream's version of the weights (reusing the
                output of step 2 where a stage already ran that very pass);
-            4. keep the final weights, cast the block back to its storage dtype, advance the evaluation streams
-               (one per reported version), weights.finish (write its shard, free it), commit the state (resume).
+            4. cast the block back to its storage dtype, advance the evaluation streams (one per reported version,
+               on the working device), keep the final weights on the CPU, weights.finish (write its shard, free
+               it), commit the state (resume).
+On a GPU only the block being processed, its weight versions and statistics live there; the streams stay in RAM
+(or files) and each segment is moved to the device for its pass.
 Within a block every target Linear's statistics come from one pass with the stage's input weights (as the
 reference SparseGPT does), not from sequential groups q/k/v -> o -> gate/up -> down.
 
@@ -315,6 +318,7 @@ def _process_block(recipe: Recipe, index: int, block: nn.Module, linears: dict[s
         return out
     storage_dtype = next(block.parameters()).dtype
     if ev is not None and 0 in versions_measured:
+        block.to(device)  # evaluation passes run in the storage dtype, on the working device
         _timed_eval(result, ev, [0], block, index, recipe)
     block.to(device, torch.float32)
     versions, advanced = _run_stages(recipe, index, block, linears, streams, kwargs, result, store, group)
@@ -327,10 +331,11 @@ def _process_block(recipe: Recipe, index: int, block: nn.Module, linears: dict[s
             out[key] = run_block(block, streams[key], kwargs, store=store)
         store.release(streams[key])
         check_finite_activations(out[key], index, key, recipe.activation_dtype)
-    block.to("cpu", storage_dtype)
+    block.to(device, storage_dtype)
     for version in (v for v in versions_measured if v > 0):
-        _use_weights(linears, versions[version], "cpu", storage_dtype)
+        _use_weights(linears, versions[version], device, storage_dtype)
         _timed_eval(result, ev, [version], block, index, recipe)
+    block.to("cpu")
     _use_weights(linears, versions[-1], "cpu", storage_dtype)
     return out
 

@@ -148,12 +148,13 @@ class RunReport:
     export: ExportRecord | None = None
     data: DataRecord | None = None  # absent in reports written before issue 14
     trust_remote_code: bool | None = None  # True when the recipe let the model's own code run; absent otherwise
+    peak_device_bytes: int | None = None  # CUDA runs: torch.cuda.max_memory_allocated(); absent otherwise
     report_version: int = REPORT_VERSION
 
     def to_dict(self) -> dict:
         """The JSON object: report_version first, then the fields in declaration order."""
         body = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "report_version"}
-        for optional in ("weight_figure", "export", "trust_remote_code", "data"):
+        for optional in ("weight_figure", "export", "trust_remote_code", "data", "peak_device_bytes"):
             if body[optional] is None:
                 del body[optional]
         return {"report_version": self.report_version, **body}
@@ -174,7 +175,7 @@ class RunReport:
             weight_figure=None if figure is None else FigureRecord(**figure),
             export=None if export is None else ExportRecord(**export),
             data=None if data.get("data") is None else DataRecord.from_dict(data["data"]),
-            trust_remote_code=data.get("trust_remote_code"),
+            trust_remote_code=data.get("trust_remote_code"), peak_device_bytes=data.get("peak_device_bytes"),
             report_version=data.get("report_version", 0))
 
 

@@ -254,4 +254,5 @@ def build_report(recipe: Recipe, result: PipelineResult, ppl: dict[str, float], 
         wall_seconds={k: round(v, 3) for k, v in wall.items()}, peak_rss_bytes=peak_rss_bytes(),
         block_sparsity=result.block_sparsity,
         host=HostRecord(platform.python_version(), torch.__version__, torch.get_num_threads()),
-        modules=result.modules, trust_remote_code=recipe.trust_remote_code or None)
+        modules=result.modules, trust_remote_code=recipe.trust_remote_code or None,
+        peak_device_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None)

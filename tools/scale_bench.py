@@ -165,11 +165,11 @@ def write_tokenizer(folder: str | Path, vocab: int, documents: int | None = None
 
 def bench_recipe(folder: str | Path, method: str, num_blocks: int | None, segments: int = 16, length: int = 512,
                  window: int = 512, eval_tokens: int = 2048, memory_budget: str | None = None,
-                 stages: list[dict] | None = None) -> dict:
+                 stages: list[dict] | None = None, device: str = "cpu") -> dict:
     """The recipe dict of one case: the method's stages from its LLaMA-7B recipe (or `stages`), reduced
     calibration, the final model's perplexity on eval_tokens // window windows, no figure and no export."""
     stages = stages or yaml.safe_load(METHODS[method].read_text())["stages"]
-    recipe = {"model": str(Path(folder).resolve()), "dtype": "float16", "activation_dtype": "float16", "device": "cpu",
+    recipe = {"model": str(Path(folder).resolve()), "dtype": "float16", "activation_dtype": "float16", "device": device,
               "calibration": {"source": "wiki-extracts", "segments": segments, "length": length, "seed": 0},
               "evaluation": {"source": "wiki-extracts", "window": window, "max_tokens": eval_tokens, "dense": False,
                              "each_step": False},
@@ -220,6 +220,8 @@ def make_record(report: dict, *, method: str, shape: dict, blocks_run: int, proc
         "projected_seconds": round(rest + seconds_per_block * shape["blocks"], 1),
         "projected": blocks_run < shape["blocks"],
         "perplexity": report.get("perplexity", {}).get("pruned"),
+        "device": "cuda" if report.get("peak_device_bytes") is not None else "cpu",
+        "peak_device_bytes": report.get("peak_device_bytes"),
         "command": command,
         "commit": commit,
     }
@@ -246,7 +248,9 @@ def table(records: list[dict]) -> str:
         whole = _duration(r["projected_seconds"]) + (" (projected)" if r.get("projected") else "")
         export = " / ".join(f"{r[k] / GIB:.2f} GiB" for k in ("export_peak_rss_bytes", "validate_peak_rss_bytes")
                             if r.get(k) is not None) or "-"
-        lines.append(f"| {r['shape']} | {r['method']} | {r['blocks_run']} of {r['blocks']} | {r['calibration']} | "
+        method = r["method"] if r.get("device") != "cuda" else \
+            f"{r['method']} on {r['host']} (GPU peak {r['peak_device_bytes'] / GIB:.2f} GiB)"
+        lines.append(f"| {r['shape']} | {method} | {r['blocks_run']} of {r['blocks']} | {r['calibration']} | "
                      f"{r.get('memory_budget') or 'none'} | {r['peak_rss_bytes'] / GIB:.2f} GiB | {plan} | "
                      f"{r['seconds_per_block']:.1f} | {whole} | {export} | {r.get('load_average_after', '-')} | "
                      f"{r.get('commit', '-')} |")
@@ -254,7 +258,13 @@ def table(records: list[dict]) -> str:
 
 
 def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    """The checkout's short commit; $SDSONNX_COMMIT where the tree is a copy without git (a lent GPU machine)."""
+    if os.environ.get("SDSONNX_COMMIT"):
+        return os.environ["SDSONNX_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return ""
     return out.stdout.strip()
 
 
@@ -294,6 +304,7 @@ def run_case(folder: str | Path, method: str, num_blocks: int | None, workdir: s
                          predicted={"peak_rss_bytes": plan.peak_rss_bytes, "seconds_per_block": plan.seconds_per_block},
                          command=shown, commit=commit)
     record["memory_budget"] = recipe_options.get("memory_budget")
+    record["host"] = f"{os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if record["device"] == "cuda" else "")
     record["load_average_after"] = round(os.getloadavg()[0], 2)  # > cores: times are slowed by other work
     return record
 
@@ -314,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--length", type=int, default=512)
     r.add_argument("--eval-tokens", type=int, default=2048)
     r.add_argument("--memory-budget", default=None, help="recipe memory_budget (e.g. 4GiB)")
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="recipe device (cuda: one block on the GPU)")
     r.add_argument("--workdir", default=None, help="recipes and outputs (default: a temporary folder)")
     r.add_argument("--json", default=str(JSON_PATH))
     args = parser.parse_args(argv)
@@ -328,14 +340,15 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods.split(","):
             records.append(run_case(args.folder, method, args.blocks, workdir, segments=args.segments,
                                     length=args.length, eval_tokens=args.eval_tokens,
-                                    memory_budget=args.memory_budget))
+                                    memory_budget=args.memory_budget, device=args.device))
             print(json.dumps(records[-1], indent=2), flush=True)
     command = "tools/scale_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for record in records:
         record["bench_command"] = command
     path = Path(args.json)
     old = json.loads(path.read_text())["records"] if path.is_file() else []
-    key = lambda r: json.dumps([r.get("method"), r.get("blocks_run"), r.get("calibration"), r.get("memory_budget")])
+    key = lambda r: json.dumps([r.get("method"), r.get("blocks_run"), r.get("calibration"), r.get("memory_budget"),
+                                r.get("device", "cpu")])
     merged = {key(r): r for r in old}
     merged.update({key(r): r for r in records})  # a re-run of the same case replaces its record
     path.parent.mkdir(parents=True, exist_ok=True)
