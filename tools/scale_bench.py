@@ -244,7 +244,7 @@ def table(records: list[dict]) -> str:
              "whole model | export / validation peak | load avg | commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         plan = f"{r['predicted_peak_bytes'] / GIB:.2f} GiB ({r['peak_vs_plan']:+.0%})" \
-            if "predicted_peak_bytes" in r else "-"
+            if "predicted_peak_bytes" in r and r.get("device", "cpu") == "cpu" else "-"  # the plan is a CPU run's
         whole = _duration(r["projected_seconds"]) + (" (projected)" if r.get("projected") else "")
         export = " / ".join(f"{r[k] / GIB:.2f} GiB" for k in ("export_peak_rss_bytes", "validate_peak_rss_bytes")
                             if r.get(k) is not None) or "-"
