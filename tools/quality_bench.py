@@ -4,8 +4,11 @@ Protocol (keep it fixed, later versions are compared against it):
   model        smollm2-135m (full, 30 blocks, float32)
   calibration  wiki-extracts calibration part, 64 segments x 512 tokens, seed 0
   evaluation   wiki-extracts evaluation part, 80 windows x 512 tokens (40,960 tokens)
+  out of domain sotu-addresses evaluation part (U.S. State of the Union addresses), 80 windows x 512 tokens
 Each run is `sdsonnx run` on a generated recipe (the dense row: `sdsonnx eval --json`) in its own process, so
-wall time and peak RSS belong to that run alone. Results are merged into docs/benchmarks/quality.json (one record per run, keyed by case) and the
+wall time and peak RSS belong to that run alone. The out-of-domain perplexity is measured afterwards by
+`sdsonnx eval --json` on the run's output folder (the dense row: on the model), in a process of its own, timed
+apart (`ood_eval_seconds`); records without it (before issue 16) show "-". Results are merged into docs/benchmarks/quality.json (one record per run, keyed by case) and the
 markdown table between the quality markers of docs/BENCHMARKS.md is regenerated from all records.
 
   .venv/bin/python tools/quality_bench.py --cases dense,magnitude:0.5,wanda:2:4,sparsegpt:4:8
@@ -31,6 +34,8 @@ PROTOCOL = {
     "calibration": {"source": "wiki-extracts", "segments": 64, "length": 512, "seed": 0},
     "evaluation": {"source": "wiki-extracts", "window": 512, "max_tokens": 40960},
 }
+# The second, out-of-domain evaluation text (issue 16): same window and token cap as the in-domain one.
+OOD_EVALUATION = {"source": "sotu-addresses", "window": 512, "max_tokens": 40960}
 # SDS variants: (redense fields, second_prune fields, calibration fields). "sd" is the default recipe: re-dense on
 # the first-pruned model's activations (SD), second prune + adjustment on the second-pruned model's (Eq. 5).
 SDS_VARIANTS = {
@@ -96,13 +101,11 @@ def run_case(case: str, sdsonnx: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if case == "dense":
             start = time.perf_counter()
-            proc = subprocess.run(dense_command(sdsonnx), capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode:
-                raise RuntimeError(proc.stderr[-3000:])
-            measured = json.loads(proc.stdout.strip().splitlines()[-1])
+            measured = eval_json(dense_command(sdsonnx))
             report = {"perplexity": {"dense": measured["perplexity"]}, "peak_rss_bytes": measured["peak_rss_bytes"],
                       "wall_seconds": {"total": time.perf_counter() - start}, "stages": [], "method": "dense",
                       "pattern": "dense", "profile": "uniform"}
+            model = PROTOCOL["model"]
         else:
             path = Path(tmp) / "recipe.yaml"
             path.write_text(yaml.safe_dump(case_recipe(case)))
@@ -113,6 +116,10 @@ def run_case(case: str, sdsonnx: str) -> dict:
                 raise RuntimeError(f"{case} failed:\n{proc.stderr[-3000:]}")
             report = json.loads((Path(tmp) / "out" / "report.json").read_text())
             report["wall_seconds"]["total"] = time.perf_counter() - start
+            model = str(Path(tmp) / "out")
+        start = time.perf_counter()
+        ood = eval_json(eval_command(sdsonnx, model, OOD_EVALUATION))
+        ood_seconds = time.perf_counter() - start
     ppl = report["perplexity"]
     return {
         "case": case,
@@ -125,6 +132,9 @@ def run_case(case: str, sdsonnx: str) -> dict:
         "evaluation": PROTOCOL["evaluation"],
         "perplexity": ppl.get("pruned", ppl.get("dense")),
         "perplexity_steps": {k: v for k, v in ppl.items() if k.startswith("after_")},
+        "ood_evaluation": OOD_EVALUATION,
+        "perplexity_ood": ood["perplexity"],
+        "ood_eval_seconds": round(ood_seconds, 1),
         "wall_seconds": round(report["wall_seconds"]["total"], 1),
         "prune_seconds": round(report["wall_seconds"].get("prune", 0.0), 1),
         "step_eval_seconds": round(report["wall_seconds"].get("eval_steps", 0.0), 1),
@@ -148,9 +158,21 @@ def kept_counts(report: dict) -> dict[str, int]:
 
 def dense_command(sdsonnx: str) -> list[str]:
     """`sdsonnx eval --json` on the protocol's model and evaluation text (the dense row)."""
-    ev = PROTOCOL["evaluation"]
-    return [sdsonnx, "eval", PROTOCOL["model"], "--data", ev["source"], "--window", str(ev["window"]),
-            "--max-tokens", str(ev["max_tokens"]), "--json"]
+    return eval_command(sdsonnx, PROTOCOL["model"], PROTOCOL["evaluation"])
+
+
+def eval_command(sdsonnx: str, model: str, evaluation: dict) -> list[str]:
+    """`sdsonnx eval --json` of a model (name or a run's output folder) on an evaluation section's text."""
+    return [sdsonnx, "eval", model, "--data", evaluation["source"], "--window", str(evaluation["window"]),
+            "--max-tokens", str(evaluation["max_tokens"]), "--json"]
+
+
+def eval_json(command: list[str]) -> dict:
+    """Run an `sdsonnx eval --json` command; its last stdout line as a dict."""
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def load_records() -> list[dict]:
@@ -171,21 +193,26 @@ def base_of(record: dict, records: list[dict]) -> dict | None:
 
 
 def markdown_table(records: list[dict]) -> str:
-    """One row per record; SDS rows carry their perplexity change and time ratios against their base run."""
-    rows = ["| method | pattern | variant | perplexity | vs base | steps: first prune / re-dense | wall s | "
-            "SDS/base wall | SDS/base wall w/o step evals | prune s | SDS/base prune | peak RSS MiB | commit |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """One row per record; SDS rows carry their perplexity change and time ratios against their base run; the
+    out-of-domain columns are "-" for records without `perplexity_ood` (and its change for bases without it)."""
+    rows = ["| method | pattern | variant | perplexity | vs base | OOD perplexity | OOD vs base | "
+            "steps: first prune / re-dense | wall s | SDS/base wall | SDS/base wall w/o step evals | prune s | "
+            "SDS/base prune | peak RSS MiB | commit |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=_row_order):
         base = base_of(r, records)
         steps = " / ".join(f"{v:.2f}" for v in r["perplexity_steps"].values()) or "-"
         change = f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}%" if base else "-"
+        ood = r.get("perplexity_ood")
+        base_ood = base.get("perplexity_ood") if base else None
+        ood_change = f"{100 * (ood / base_ood - 1):+.1f}%" if ood and base_ood else "-"
         wall = f"{r['wall_seconds'] / base['wall_seconds']:.2f}x" if base else "-"
         # Records before the step evaluations were timed apart (no step_eval_seconds) get "-", not a guess.
         step_eval = r.get("step_eval_seconds")
         lean = f"{(r['wall_seconds'] - step_eval) / base['wall_seconds']:.2f}x" if base and step_eval else "-"
         prune = f"{r['prune_seconds'] / base['prune_seconds']:.2f}x" if base and base["prune_seconds"] else "-"
         rows.append(f"| {r['method']} | {r['pattern']} | {r['variant'] or r['profile']} | {r['perplexity']:.2f} | "
-                    f"{change} | {steps} | {r['wall_seconds']:.0f} | {wall} | {lean} | {r['prune_seconds']:.0f} | "
+                    f"{change} | {f'{ood:.2f}' if ood else '-'} | {ood_change} | {steps} | {r['wall_seconds']:.0f} | {wall} | {lean} | {r['prune_seconds']:.0f} | "
                     f"{prune} | {r['peak_rss_mib']} | {r['git_commit']} |")
     return "\n".join(rows)
 
@@ -225,7 +252,8 @@ def main() -> None:
         records = [r for r in load_records() if r["case"] != case] + [record]
         save_records(records)
         update_markdown(records)
-        print(f"  {case}: perplexity {record['perplexity']:.3f}, {record['wall_seconds']:.0f} s, {record['peak_rss_mib']} MiB", flush=True)
+        print(f"  {case}: perplexity {record['perplexity']:.3f}, out of domain {record['perplexity_ood']:.3f}, "
+              f"{record['wall_seconds']:.0f} s, {record['peak_rss_mib']} MiB", flush=True)
 
 
 def _split_cases(group: str) -> list[str]:
