@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -98,6 +99,7 @@ def git_commit() -> str:
 def run_case(case: str, sdsonnx: str) -> dict:
     """One benchmark run in a subprocess; returns its record, stamped with the commit its code was loaded from."""
     commit = git_commit()  # before the run: HEAD may move while a long case runs
+    load = [round(os.getloadavg()[0], 2)]
     with tempfile.TemporaryDirectory() as tmp:
         if case == "dense":
             start = time.perf_counter()
@@ -120,6 +122,7 @@ def run_case(case: str, sdsonnx: str) -> dict:
         start = time.perf_counter()
         ood = eval_json(eval_command(sdsonnx, model, OOD_EVALUATION))
         ood_seconds = time.perf_counter() - start
+    load.append(round(os.getloadavg()[0], 2))
     ppl = report["perplexity"]
     return {
         "case": case,
@@ -141,6 +144,7 @@ def run_case(case: str, sdsonnx: str) -> dict:
         "stage_seconds": {k: v for k, v in report["wall_seconds"].items() if k.startswith("stage_")},
         "peak_rss_mib": round(report["peak_rss_bytes"] / 2**20),
         "second_prune_kept": kept_counts(report),
+        "load_average": load,  # 1-minute load at the start and the end: times taken under load are not costs
         "git_commit": commit,
         "date": time.strftime("%Y-%m-%d"),
     }
