@@ -15,8 +15,8 @@ What a streaming run (sdsonnx/shards.py, pipeline.prune_model) holds at its peak
   the reader opens a file per tensor and closes it, so nothing else stays mapped);
 - non-block weights in storage dtype: embedding V d, LM head V d unless tied, final norm (and whatever else lies
   outside the decoder blocks);
-- one decoder block in float32 (its storage-dtype copy lives only while it loads), plus (stages + 1) float32
-  versions of its target weights (dense, after each stage);
+- one decoder block in float32 but for its target Linears, whose weights are the versions' own tensors, plus
+  (stages + 1) float32 versions of its target weights (dense, after each stage);
 - calibration streams [segments, length, d] in activation_dtype, one per distinct (version, part) some stage
   reads (`pipeline.stream_key`), plus the stream a statistics pass already advanced (held to the block's end),
   plus the captured block-0 inputs prune_model keeps referenced (HOLDS_CAPTURED_INPUTS);
@@ -80,8 +80,11 @@ OUTPUT_LEAVES = {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "d
 # Re-measured after the re-dense and adjustment solvers went in place (865cf31 and the next adjust commit), with
 # MALLOC_MMAP_THRESHOLD_=65536 so that every buffer is its own mapping and the peak exact: sparsegpt 5.54 H +
 # 2.69 W, wanda 0.92 H + 3.88 W, redense 1.00 H + 6.00 W, second_prune 5.27 H + 12.85 W.
-SOLVER_WORK = {"sparsegpt": (5.5, 4.0), "wanda": (1.25, 4.0), "magnitude": (1.25, 4.0), "redense": (1.0, 6.0),
-               "second_prune": (5.5, 13.0)}
+# Re-measured at LLaMA-7B's own shapes (tools/solver_memory.py; 4096 x 4096, 11008 x 4096, 4096 x 11008), where a
+# stage with phases is a max, not a sum: second_prune's second one-shot prune and its soft-mask adjustment never
+# hold their buffers at the same time. Each kind: its phases as (H copies, W copies); the work is the largest.
+SOLVER_WORK = {"sparsegpt": ((5.3, 1.6),), "wanda": ((1.25, 4.0),), "magnitude": ((1.25, 4.0),),
+               "redense": ((1.0, 6.0),), "second_prune": ((5.05, 2.8), (2.1, 13.3))}
 STREAM_OUTPUT_COPIES = 1  # run_block writes each segment's output into one preallocated stream
 NAN_CHECK_COPIES = 0  # pipeline.check_finite_activations checks one segment at a time
 # pipeline.prune_model drops the captured block-0 inputs once the streams replace them
@@ -149,6 +152,8 @@ class RunPlan:
     eval_gflops: float  # rate of the evaluation passes (storage dtype on the CPU)
     seconds_per_block: float
     total_seconds: float
+    device_peak_bytes: int = 0  # a GPU run's device memory: block, weight versions, largest solver/statistics work
+    on_gpu: bool = False  # the recipe's device is (or resolves to) CUDA: device_peak_bytes is printed
     memory_budget: int | None = None
     assumptions: list[str] = field(default_factory=list)
 
@@ -266,13 +271,13 @@ def gram_bytes(linears: tuple[LinearShape, ...]) -> int:
 
 
 def solver_bytes(recipe: Recipe, linears: tuple[LinearShape, ...]) -> int:
-    """Working memory of the most demanding (stage, Linear): SOLVER_WORK float32 copies of H and W."""
+    """Working memory of the most demanding (stage, Linear, phase): SOLVER_WORK float32 copies of H and W."""
     kinds = [s.method if s.kind == "prune" else s.kind for s in recipe.stages]
     worst = 0.0
     for kind in kinds:
-        squares, weights = SOLVER_WORK[kind]
-        for lin in linears:
-            worst = max(worst, F32 * (squares * lin.d_in ** 2 + weights * lin.d_out * lin.d_in))
+        for squares, weights in SOLVER_WORK[kind]:
+            for lin in linears:
+                worst = max(worst, F32 * (squares * lin.d_in ** 2 + weights * lin.d_out * lin.d_in))
     return int(worst)
 
 
@@ -316,7 +321,7 @@ def stage_cost(recipe: Recipe, index: int, d_out: int, d_in: int) -> tuple[float
 
 def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None = None,
                     eval_tokens: int | None = None, gflops: float = 50.0, model: str | None = None,
-                    mapped_bytes: int | None = None, eval_gflops: float | None = None) -> RunPlan:
+                    mapped_bytes: int | None = None, eval_gflops: float | None = None, on_gpu: bool = False) -> RunPlan:
     """RunPlan of `recipe` on a model of `shape` (already cut to recipe.num_blocks), with a machine rate of
     `gflops` GFLOP/s (float32; `eval_gflops` for the evaluation passes, which run in the storage dtype on the CPU;
     default gflops); eval_tokens overrides the evaluation token count (k * window) when known; mapped_bytes: the
@@ -348,13 +353,17 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
         "evaluation advance": forward + STREAM_OUTPUT_COPIES * ev_stream if versions else 0,
     }
     largest = max(phases, key=phases.get)
+    # On a GPU (device: cuda) the block, its versions, Grams and solver work live there, the streams stay in RAM;
+    # measured at 7B shape on an H200: SDS 7.23e9 B, SparseGPT 5.13e9 B (docs/BENCHMARKS.md, Scale)
+    device_peak = ((shape.block_params[biggest] - target_params) * F32 + (len(recipe.stages) + 1) * target_params * F32
+                   + max(phases["solver: Grams + working copies"], grams + forward))
     memory = {
         "baseline (python, torch, transformers)": BASELINE_BYTES,
         "texts of the data sources": text_bytes(recipe),
         "tokenising the evaluation part": tokenize_bytes(recipe),
         "source checkpoint pages mapped": shape.block_params[biggest] * storage if mapped_bytes is None else mapped_bytes,
         "non-block weights": shape.nonblock_params * storage,
-        "block weights (float32)": shape.block_params[biggest] * F32,
+        "block weights but targets (float32)": (shape.block_params[biggest] - target_params) * F32,
         "weight versions (float32)": (len(recipe.stages) + 1) * target_params * F32,
         "streams in RAM": in_ram,
         "stream advanced by a statistics pass": len(reused) * cal_stream,
@@ -404,8 +413,8 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
                    disk_bytes=sum(disk.values()), calibration_streams=len(keys), evaluation_streams=len(versions),
                    evaluation_tokens=tokens_ev, block_passes=len(recipe.stages) + len(keys - reused),
                    flops_per_block=flops, loop_seconds_per_block=loop_seconds, gflops=gflops, eval_gflops=eval_gflops,
-                   seconds_per_block=seconds_per_block, total_seconds=total,
-                   memory_budget=memory_budget, assumptions=assumptions)
+                   seconds_per_block=seconds_per_block, total_seconds=total, device_peak_bytes=int(device_peak),
+                   on_gpu=on_gpu, memory_budget=memory_budget, assumptions=assumptions)
 
 
 def measure_gflops(seconds: float = 0.5, size: int = 1024, dtype: torch.dtype = torch.float32) -> float:
@@ -443,7 +452,9 @@ def plan_run(recipe: Recipe, memory_budget: int | str | None = None, eval_tokens
         gflops = measure_gflops()
         if eval_gflops is None and recipe.dtype != "float32":
             eval_gflops = measure_gflops(dtype=getattr(torch, recipe.dtype))
-    return plan_from_shape(shape, recipe, parse_bytes(memory_budget), eval_tokens, gflops, eval_gflops=eval_gflops)
+    on_gpu = recipe.device == "cuda" or (recipe.device == "auto" and torch.cuda.is_available())
+    return plan_from_shape(shape, recipe, parse_bytes(memory_budget), eval_tokens, gflops, eval_gflops=eval_gflops,
+                           on_gpu=on_gpu)
 
 
 def _gib(n: float) -> str:
@@ -466,7 +477,12 @@ def format_plan(plan: RunPlan) -> str:
     lines += [f"  {name:<44}{_gib(value)}" for name, value in plan.memory.items()]
     lines += [f"  {'block phase total':<44}{_gib(sum(plan.memory.values()))}",
               f"  {'LM head phase total':<44}{_gib(plan.head_phase_bytes)}",
-              f"  {'predicted peak RSS':<44}{_gib(plan.peak_rss_bytes)}", "", "Working phases of a block"]
+              f"  {'predicted peak RSS':<44}{_gib(plan.peak_rss_bytes)}"]
+    if plan.on_gpu:
+        lines += [f"  {'predicted GPU peak (block, versions, solver)':<44}{_gib(plan.device_peak_bytes)}",
+                  "  (the RAM figures are a CPU run's: on the GPU the block, its versions and the solver work leave RAM,"
+                  " and the CUDA libraries add to it)"]
+    lines += ["", "Working phases of a block"]
     lines += [f"  {name:<44}{_gib(value)}" for name, value in plan.phases.items()]
     lines += ["", "Disk"]
     lines += [f"  {name:<44}{_gib(value)}" for name, value in plan.disk.items()]

@@ -180,7 +180,7 @@ def project(workers=(1, 8, 64), bandwidth: float = 3.0e9, latency: float = 50e-6
         cal = recipe.calibration
         cal_stream = cal.segments * cal.length * shape.hidden * 2  # float16 activations
         eval_stream = plan.evaluation_tokens * shape.hidden * 2
-        squares, wcopies = max(SOLVER_WORK[k] for k in ("sparsegpt", "redense", "second_prune"))
+        squares, wcopies = max(p for k in ("sparsegpt", "redense", "second_prune") for p in SOLVER_WORK[k])
         for w in workers:
             moved = 0 if w == 1 else len(recipe.stages) * (2 * (w - 1) / w * grams + (w - 1) / w * weights)
             comm = 0.0 if w == 1 else moved / bandwidth + calls * 2 * (w - 1) * latency
