@@ -164,3 +164,25 @@ def test_lean_validation_notes_numerics_it_could_not_run(tmp_path, monkeypatch):
     report = validate_artifact(tmp_path / "str", ck, lean=True)
     assert report.ok and not report.numerics and len(report.weights) == 14
     assert any(n.startswith("numerics skipped: ONNX Runtime could not load") for n in report.notes)
+
+
+def test_a_mapped_session_reads_the_weights_through_read_only_maps_and_gives_the_same_logits(tmp_path):
+    from sdsonnx.artifact.mapped import external_arrays, mapped_session
+
+    ck = tiny_checkpoint("llama", tmp_path / "ck", pattern="2:4")
+    export_checkpoint(ck, tmp_path / "str", streamed=True)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session, weights = mapped_session(tmp_path / "str" / MODEL_FILE, options)
+    proto = onnx.load(tmp_path / "str" / MODEL_FILE, load_external_data=False)
+    external = {t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert set(weights) == external and len(external) >= 14
+    assert all(isinstance(a, np.memmap) and not a.flags.writeable for a in weights.values())
+    tokens = np.random.default_rng(0).integers(0, 128, (1, 9)).astype(np.int64)
+    mapped = session.run(["logits"], {**_feeds(ort.InferenceSession(str(tmp_path / "str" / MODEL_FILE)), tokens),
+                                      **weights})[0]
+    np.testing.assert_array_equal(mapped, _logits(tmp_path / "str", tokens))
+    data = tmp_path / "str" / DATA_FILE
+    data.write_bytes(data.read_bytes()[:-ALIGN])
+    with pytest.raises(ValueError, match="beyond the end"):
+        external_arrays(proto, tmp_path / "str")

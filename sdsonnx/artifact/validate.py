@@ -355,17 +355,19 @@ LEAN_PROMPT = 16  # tokens of the one prompt numerics use at size
 
 def check_numerics_lean(report: ValidationReport, model_path: Path, checkpoint: Path, seed: int = 0) -> None:
     """check_numerics for a model too large to hold twice: one unpadded prompt of LEAN_PROMPT random tokens,
-    prefill only; ONNX Runtime without weight prepacking (it would copy every MatMul weight), PyTorch one block
-    at a time from the shards (streamed.streamed_logits)."""
+    prefill only; ONNX Runtime reads the weights through read-only memory maps (mapped.mapped_session: it never
+    loads them itself) without weight prepacking (it would copy every MatMul weight), PyTorch one block at a time
+    from the shards (streamed.streamed_logits)."""
     import onnxruntime as ort
 
+    from .mapped import mapped_session
     from .streamed import streamed_logits
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        session, weights = mapped_session(model_path, options)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types (e.g. out of memory)
         report.notes.append(f"numerics skipped: ONNX Runtime could not load the model on this machine "
                             f"({type(exc).__name__}: {str(exc)[:300]}); every other check ran")
@@ -374,13 +376,13 @@ def check_numerics_lean(report: ValidationReport, model_path: Path, checkpoint: 
     vocab = int(read_config(checkpoint)["vocab_size"])
     ids = np.random.default_rng(seed).integers(3, vocab, (1, LEAN_PROMPT)).astype(np.int64)
     mask = np.ones_like(ids)
-    feeds = {"input_ids": ids, "attention_mask": mask}
+    feeds = {"input_ids": ids, "attention_mask": mask, **weights}
     if "position_ids" in names:
         feeds["position_ids"] = _positions(mask)
     if any(n.startswith("past_key_values") for n in names):
         feeds.update(_past_inputs(session, 1))
     ort_logits = session.run(["logits"], feeds)[0]
-    del session
+    del session, feeds, weights
     pt_logits = streamed_logits(checkpoint, torch.from_numpy(ids)).numpy()
     _record(report, _compare(f"batch 1 len {LEAN_PROMPT} prefill (lean)", ort_logits, pt_logits, mask.astype(bool)))
     report.notes.append(f"lean validation (model too large to hold twice): numerics on one prompt of {LEAN_PROMPT} "
