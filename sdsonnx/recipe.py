@@ -118,11 +118,18 @@ class PruneStage(_Strict):
     calibration_part: int = Field(0, ge=0)
     blocksize: int = Field(128, gt=0, description="SparseGPT lazy-update block size.")
     percdamp: float = Field(0.01, gt=0, description="SparseGPT dampening, share of mean diag(H).")
+    permute: Literal["none", "mlp"] = Field(
+        "none", description="n:m only: before this prune chooses its masks, reorder each block's MLP hidden units "
+                            "(gate/up or fc1 output rows with down_proj / fc2 input columns) so that the N:M mask keeps "
+                            "more Wanda importance; the block computes the same function (sdsonnx/prune/permute.py).")
 
     @model_validator(mode="after")
     def _one_of(self) -> "PruneStage":
         if (self.sparsity is None) == (self.pattern is None):
             raise ValueError("give exactly one of sparsity (unstructured) or pattern (n:m)")
+        if self.permute != "none" and self.pattern is None:
+            raise ValueError(f"permute: {self.permute} reorders channels for an n:m pattern; it needs pattern: (e.g. "
+                             "2:4), not sparsity: (an unstructured mask does not depend on the channel order)")
         if self.pattern is not None:
             _nm_pattern(self.pattern)
             if self.profile == "owl":
@@ -247,6 +254,9 @@ class Recipe(_Strict):
                 raise ValueError(f"stages.{i}.calibration_part={stage.calibration_part} but calibration.parts={self.calibration.parts}")
             if stage.kind == "second_prune" and not any(s.kind == "redense" for s in self.stages[:i]):
                 raise ValueError(f"stages.{i}: second_prune needs a redense stage before it")
+            if i > 0 and stage.kind == "prune" and stage.permute != "none":
+                raise ValueError(f"stages.{i}.permute: channels are permuted once per block, before the first prune "
+                                 "stage; set permute on stages.0 (the permuted block is what every later stage sees)")
         return self
 
     @property

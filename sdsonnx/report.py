@@ -46,6 +46,7 @@ class ModuleRecord:
     stages: list[StageRecord] = field(default_factory=list)
     sparsity: float | None = None  # the last stage's (the saved weight's) sparsity
     error: float | None = None  # the last stage's error
+    permutation: dict[str, Any] | None = None  # channel permutation folded into it (prune.permute: mlp), else None
 
     def finish(self) -> None:
         """Copy the last stage's sparsity and error to the module."""
@@ -54,7 +55,8 @@ class ModuleRecord:
     @classmethod
     def from_dict(cls, data: dict) -> "ModuleRecord":
         return cls(data["block"], data["pattern"], list(data["shape"]), data["numel"],
-                   [StageRecord.from_dict(s) for s in data["stages"]], data.get("sparsity"), data.get("error"))
+                   [StageRecord.from_dict(s) for s in data["stages"]], data.get("sparsity"), data.get("error"),
+                   data.get("permutation"))
 
 
 @dataclass
