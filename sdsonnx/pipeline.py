@@ -407,40 +407,55 @@ def _stage_on_rows(stage, w: torch.Tensor, ctx: ModuleContext, group) -> tuple[t
     return group.gather_rows(weight.float().contiguous(), w.shape[0]), info, error
 
 
-def _permute_mlp_channels(recipe: Recipe, index: int, block: nn.Module, linears: dict[str, nn.Linear],
-                          dense: dict[str, torch.Tensor], stats: dict[str, LayerStats], stream, kwargs: dict,
-                          block_sparsity: list[float] | None) -> dict[str, dict]:
-    """`permute: mlp` on one block (its target Linears pointing at `dense`, stage 0's `stats` collected): for each MLP
-    whose consumer (down_proj / fc2) is a target with an n:m pattern, search an order of its input columns that keeps
-    more of the first prune's importance (Wanda |W| ||x||; |W| for magnitude), then permute the producers' output rows
-    and biases, the consumer's columns, `dense` and the consumer's stats in place. The block's output on the first
-    segment of `stream` is compared before and after (RecipeError when the architecture breaks the assumption).
-    Returns {target name: report record}."""
-    from .prune.permute import block_mlp_pairs, permute_mlp, permute_stats, search
+def _permute_channels(recipe: Recipe, index: int, block: nn.Module, linears: dict[str, nn.Linear],
+                      dense: dict[str, torch.Tensor], stats: dict[str, LayerStats], stream, kwargs: dict,
+                      block_sparsity: list[float] | None) -> dict[str, dict]:
+    """The first prune's `permute` on one block (its target Linears pointing at `dense`, stage 0's `stats` collected).
+    mlp: for each MLP whose consumer (down_proj / fc2) is a target with an n:m pattern, search an order of its input
+    columns that keeps more of the first prune's importance (Wanda |W| ||x||; |W| for magnitude), then permute the
+    producers' output rows and biases (gate/up, fc1) and the consumer's columns. attention: the same for o_proj's
+    columns within each head, one order per kv head, folded into v_proj's rows. `dense` and the consumer's stats
+    are permuted alike, in place. The block's output on the first segment of `stream` is compared before and after
+    (RecipeError when the architecture breaks the assumption). Returns {target name: report record}."""
+    from .prune import permute as P
     from .prune.wanda import wanda_scores
 
     first = recipe.first_prune
     modules = dict(block.named_modules())
     full_name = {id(mod): name for name, mod in linears.items()}
-    jobs = []
-    for producers, consumer in block_mlp_pairs(block):
+
+    def consumer_job(consumer: str):
         name = full_name.get(id(modules[consumer]))
         pattern = None if name is None else first.pattern_for(index, name, block_sparsity)
-        if pattern is not None and pattern.is_nm:
-            jobs.append((producers, consumer, name, pattern))
+        return (name, pattern) if pattern is not None and pattern.is_nm else None
+
+    jobs = []  # (scope, producers, consumer, target name of the consumer, pattern, head_dim)
+    if first.permute in ("mlp", "mlp+attention"):
+        jobs += [("mlp", producers, consumer, *job, None) for producers, consumer in P.block_mlp_pairs(block)
+                 if (job := consumer_job(consumer))]
+    if first.permute in ("attention", "mlp+attention"):
+        jobs += [("attention", [v], o, *job, head_dim) for v, o, head_dim in P.block_attention_pairs(block)
+                 if (job := consumer_job(o))]
     if not jobs:
         return {}
     before = run_block(block, stream[0][None], kwargs)
     records = {}
-    for producers, consumer, name, pattern in jobs:
+    for scope, producers, consumer, name, pattern, head_dim in jobs:
         start = time.perf_counter()
         weight = dense[name]
         scores = weight.abs() if first.method == "magnitude" else wanda_scores(weight, stats[name].sq_norm)
-        found = search(scores, pattern.n, pattern.m)
-        permute_mlp(block, producers, consumer, found.perm)
-        stats[name] = permute_stats(stats[name], found.perm)
-        record = {"scope": "mlp", "kept_score_gain": found.gain, "swaps": found.swaps,
-                  "seconds": time.perf_counter() - start}
+        if scope == "mlp":
+            found = P.search(scores, pattern.n, pattern.m)
+            perm, gain, swaps = found.perm, found.gain, found.swaps
+            P.permute_mlp(block, producers, consumer, perm)
+        else:
+            kv_heads = modules[producers[0]].out_features // head_dim
+            perm_v, perm, swaps = P.head_permutations(scores, kv_heads, head_dim, pattern.n, pattern.m)
+            base = P.kept_score(scores, pattern.n, pattern.m)
+            gain = P.kept_score(scores[:, perm.to(scores.device)], pattern.n, pattern.m) / base - 1 if base > 0 else 0.0
+            P.permute_attention(block, producers[0], consumer, perm_v, perm)
+        stats[name] = P.permute_stats(stats[name], perm)
+        record = {"scope": scope, "kept_score_gain": gain, "swaps": swaps, "seconds": time.perf_counter() - start}
         for rel, axis in [(p, "rows") for p in producers] + [(consumer, "columns")]:
             target = full_name.get(id(modules[rel]))
             if target is not None:
@@ -449,11 +464,11 @@ def _permute_mlp_channels(recipe: Recipe, index: int, block: nn.Module, linears:
     after = run_block(block, stream[0][None], kwargs)
     scale = float(before.abs().max().clamp_min(1e-30))
     if not bool(torch.isfinite(after).all()) or float((after - before).abs().max()) > 1e-4 * scale:
-        raise RecipeError(f"block {index}: permute: mlp changed the block's output (max difference "
+        raise RecipeError(f"block {index}: permute: {first.permute} changed the block's output (max difference "
                           f"{float((after - before).abs().max()):.3g} of {scale:.3g}); this architecture has something "
-                          "between the MLP's Linears that is not elementwise; use permute: none")
-    log.debug("block %d: permuted %d MLP(s), kept-score gain %s", index, len(jobs),
-              ", ".join(f"{r['kept_score_gain']:.2%}" for r in records.values() if r["axis"] == "columns"))
+                          "between the permuted Linears that does not commute with the permutation; use permute: none")
+    log.debug("block %d: kept-score gains %s", index, ", ".join(
+        f"{n.rsplit('.', 1)[-1]} {r['kept_score_gain']:.2%}" for n, r in records.items() if r["axis"] == "columns"))
     return records
 
 
@@ -466,7 +481,7 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
     first = recipe.first_prune
     versions = [{n: mod.weight.detach() for n, mod in linears.items()}]  # the block is float32 here
     advanced: dict[StreamKey, torch.Tensor] = {}
-    permuted: dict[str, dict] = {}  # permute: mlp records, {target name: record}
+    permuted: dict[str, dict] = {}  # the first prune's `permute` records, {target name: record}
     for i, stage in enumerate(recipe.stages):
         start = time.perf_counter()
         _use_weights(linears, versions[i])
@@ -480,11 +495,11 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
             advanced[key] = block_output
         del block_output
         if i == 0 and first.permute != "none":
-            # issue 16 item 3: before the first mask is chosen, fold an N:M-friendly hidden-unit order into the
-            # block's MLPs (block params, versions[0] and the consumer's statistics all permuted alike), so every
-            # later stage sees the permuted block and the block's function is unchanged.
-            permuted = _permute_mlp_channels(recipe, index, block, linears, versions[0], stats, streams[key], kwargs,
-                                             result.block_sparsity)
+            # issue 16 item 3: before the first mask is chosen, fold an N:M-friendly channel order into the block's
+            # MLPs / attention heads (block params, versions[0] and the consumer's statistics all permuted alike), so
+            # every later stage sees the permuted block and the block's function is unchanged.
+            permuted = _permute_channels(recipe, index, block, linears, versions[0], stats, streams[key], kwargs,
+                                         result.block_sparsity)
         out = {}
         for name in linears:
             ctx = ModuleContext(name=name, dense=versions[0][name], first_pruned=versions[1][name] if i > 0 else None,

@@ -118,9 +118,10 @@ class PruneStage(_Strict):
     calibration_part: int = Field(0, ge=0)
     blocksize: int = Field(128, gt=0, description="SparseGPT lazy-update block size.")
     percdamp: float = Field(0.01, gt=0, description="SparseGPT dampening, share of mean diag(H).")
-    permute: Literal["none", "mlp"] = Field(
+    permute: Literal["none", "mlp", "attention", "mlp+attention"] = Field(
         "none", description="n:m only: before this prune chooses its masks, reorder each block's MLP hidden units "
-                            "(gate/up or fc1 output rows with down_proj / fc2 input columns) so that the N:M mask keeps "
+                            "(gate/up or fc1 output rows with down_proj / fc2 input columns) and/or the value channels "
+                            "within each attention head (v_proj rows with o_proj columns) so that the N:M mask keeps "
                             "more Wanda importance; the block computes the same function (sdsonnx/prune/permute.py).")
 
     @model_validator(mode="after")

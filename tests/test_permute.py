@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from sdsonnx.prune import permute as P
-from sdsonnx.prune.permute import (block_mlp_pairs, check_permutation, kept_score, permute_columns, permute_mlp,
-                                   permute_rows, permute_stats, search, search_permutation)
+from sdsonnx.prune.permute import (block_attention_pairs, block_mlp_pairs, check_permutation, head_permutations,
+                                   kept_score, permute_attention, permute_columns, permute_mlp, permute_rows,
+                                   permute_stats, search, search_permutation)
 from sdsonnx.recipe import RecipeError, parse_recipe
 from sdsonnx.stats import LayerStats
 
@@ -158,8 +159,7 @@ def test_permuting_every_mlp_of_a_real_model_keeps_its_logits(arch):
     ids = calibration(2, 16)
     with torch.no_grad():
         before = model(ids).logits
-    blocks = model.model.layers if arch == "llama" else model.model.decoder.layers
-    for block in blocks:
+    for block in _blocks(model):
         pairs = block_mlp_pairs(block)
         assert pairs == ([(["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj")] if arch == "llama" else [(["fc1"], "fc2")])
         producers, consumer = pairs[0]
@@ -167,6 +167,45 @@ def test_permuting_every_mlp_of_a_real_model_keeps_its_logits(arch):
     with torch.no_grad():
         after = model(ids).logits
     assert torch.allclose(after, before, rtol=0, atol=1e-5)
+
+
+def _blocks(model):
+    return model.model.decoder.layers if hasattr(model.model, "decoder") else model.model.layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2", "gemma3"])
+def test_permuting_value_channels_within_heads_keeps_the_logits(arch):
+    """v_proj rows and o_proj columns permuted per kv head (GQA: 4 query heads on 2 kv heads) keep the function;
+    moving v_proj's rows alone does not (the check can fail)."""
+    model = tiny(arch)
+    gen = torch.Generator().manual_seed(0)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+            mod.bias.data = torch.randn(mod.bias.shape, generator=gen) * 0.1
+    ids = calibration(2, 16)
+    with torch.no_grad():
+        before = model(ids).logits
+    for block in _blocks(model):
+        (v, o, head_dim), = block_attention_pairs(block)
+        assert head_dim == 16 and v.endswith("v_proj") and o.endswith(("o_proj", "out_proj"))
+        kv_heads = block.get_submodule(v).out_features // head_dim
+        scores = block.get_submodule(o).weight.detach().abs()
+        perm_v, perm_o, _ = head_permutations(scores, kv_heads, head_dim, 2, 4)
+        assert kept_score(scores[:, perm_o], 2, 4) >= kept_score(scores, 2, 4)
+        heads = scores.shape[1] // head_dim
+        for h in range(heads):  # query head h reads kv head h // (heads / kv_heads): the same order inside
+            k = h // (heads // kv_heads)
+            assert torch.equal(perm_o[h * 16:(h + 1) * 16] - h * 16, perm_v[k * 16:(k + 1) * 16] - k * 16)
+        permute_attention(block, v, o, perm_v, perm_o)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(after, before, rtol=0, atol=1e-5)
+    block = _blocks(model)[0]
+    (v, _, _), = block_attention_pairs(block)
+    mod = block.get_submodule(v)
+    mod.weight.data = mod.weight.data.flip(0)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, before, rtol=0, atol=1e-3)
 
 
 def recipe(stages, **extra):
@@ -238,6 +277,24 @@ def test_pipeline_search_keeps_more_and_the_function_of_the_dense_block():
     for block in dense.model.layers:
         permute_mlp(block, ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj", torch.randperm(128, generator=gen))
     assert perplexity(dense, windows, progress=False) == pytest.approx(reference, rel=1e-6)
+
+
+def test_pipeline_permutes_mlp_and_attention_and_records_it():
+    from sdsonnx.masks import nm_violations
+    from sdsonnx.pipeline import prune_model
+
+    model = tiny("qwen2")  # v_proj has a bias
+    stage = {"kind": "prune", "method": "wanda", "pattern": "2:4", "permute": "mlp+attention"}
+    result = prune_model(model, recipe([stage]), calibration(), progress=False)
+    axes = {n.rsplit(".", 1)[-1]: (r.permutation or {}).get("axis") for n, r in result.modules.items()
+            if ".layers.2." in n}
+    assert axes == {"q_proj": None, "k_proj": None, "v_proj": "rows", "o_proj": "columns", "gate_proj": "rows",
+                    "up_proj": "rows", "down_proj": "columns"}
+    o = result.modules["model.layers.2.self_attn.o_proj"].permutation
+    assert o["scope"] == "attention" and o["kept_score_gain"] >= 0
+    for name, mod in model.named_modules():
+        if name in result.modules:
+            assert len(nm_violations(mod.weight, 2, 4)) == 0, name
 
 
 def test_recipe_accepts_permute_only_with_an_nm_pattern_on_the_first_prune():

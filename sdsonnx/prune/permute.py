@@ -253,3 +253,60 @@ def permute_mlp(block: nn.Module, producers: list[str], consumer: str, perm: tor
             mod.bias.data = bias
     mod = modules[consumer]
     mod.weight.data = permute_columns(mod.weight.detach(), perm)
+
+
+# (value projection, output projection) of an attention module, children of one parent with a `head_dim`.
+ATTENTION_NAMES = (("v_proj", "o_proj"), ("v_proj", "out_proj"))
+
+
+def block_attention_pairs(block: nn.Module) -> list[tuple[str, str, int]]:
+    """[(v name, o name, head_dim)] of the block's attention modules (ATTENTION_NAMES, names relative to the block)
+    whose shapes fit whole heads: v_proj.out_features = kv_heads x head_dim, o_proj.in_features = heads x head_dim,
+    heads a multiple of kv_heads (grouped-query attention: query head h reads kv head h // (heads / kv_heads))."""
+    found = []
+    for parent_name, parent in block.named_modules():
+        children = dict(parent.named_children())
+        head_dim = getattr(parent, "head_dim", None)
+        for v, o in ATTENTION_NAMES:
+            if not (isinstance(children.get(v), nn.Linear) and isinstance(children.get(o), nn.Linear)
+                    and isinstance(head_dim, int) and head_dim > 0):
+                continue
+            kv, q = children[v].out_features, children[o].in_features
+            if kv % head_dim == 0 and q % head_dim == 0 and (q // head_dim) % (kv // head_dim) == 0:
+                prefix = f"{parent_name}." if parent_name else ""
+                found.append((prefix + v, prefix + o, head_dim))
+    return found
+
+
+def head_permutations(scores: torch.Tensor, kv_heads: int, head_dim: int, n: int, m: int, max_rounds: int = 100
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """o_proj scores [d_out, heads * head_dim] -> (perm_v [kv_heads * head_dim], perm_o [heads * head_dim], swaps):
+    one order of each kv head's value channels, searched on the o_proj columns of every query head that reads it
+    (stacked as rows) and applied to all of them; N:M groups stay inside heads (head_dim % m == 0)."""
+    _check_nm(scores, n, m)
+    heads = scores.shape[1] // head_dim
+    if head_dim % m or scores.shape[1] % head_dim or heads % kv_heads:
+        raise ValueError(f"o_proj of {scores.shape[1]} inputs, head_dim {head_dim}, {kv_heads} kv heads: heads must "
+                         f"be whole, grouped evenly, and head_dim a multiple of m={m}")
+    group = heads // kv_heads
+    per_head = scores.reshape(scores.shape[0], heads, head_dim)
+    orders, swaps = [], 0
+    for k in range(kv_heads):
+        stacked = per_head[:, k * group:(k + 1) * group].permute(1, 0, 2).reshape(-1, head_dim)
+        found = search(stacked, n, m, max_rounds=max_rounds)
+        orders.append(found.perm)
+        swaps += found.swaps
+    perm_v = torch.cat([k * head_dim + orders[k] for k in range(kv_heads)])
+    perm_o = torch.cat([h * head_dim + orders[h // group] for h in range(heads)])
+    return perm_v, perm_o, swaps
+
+
+def permute_attention(block: nn.Module, v_name: str, o_name: str, perm_v: torch.Tensor, perm_o: torch.Tensor) -> None:
+    """Fold head_permutations' orders into the block in place: v_proj's output rows (and bias), o_proj's columns."""
+    modules = dict(block.named_modules())
+    v, o = modules[v_name], modules[o_name]
+    weight, bias = permute_rows(v.weight.detach(), None if v.bias is None else v.bias.detach(), perm_v)
+    v.weight.data = weight
+    if bias is not None:
+        v.bias.data = bias
+    o.weight.data = permute_columns(o.weight.detach(), perm_o)
