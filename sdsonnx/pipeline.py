@@ -415,7 +415,7 @@ def _permute_channels(recipe: Recipe, index: int, block: nn.Module, linears: dic
     columns that keeps more of the first prune's importance (Wanda |W| ||x||; |W| for magnitude), then permute the
     producers' output rows and biases (gate/up, fc1) and the consumer's columns. attention: the same for o_proj's
     columns within each head, one order per kv head, folded into v_proj's rows. `dense` and the consumer's stats
-    are permuted alike, in place. The block's output on the first segment of `stream` is compared before and after
+    are permuted alike, in place. The block's float32 output on the first segment of `stream` is compared before and after
     (RecipeError when the architecture breaks the assumption). Returns {target name: report record}."""
     from .prune import permute as P
     from .prune.wanda import wanda_scores
@@ -438,7 +438,7 @@ def _permute_channels(recipe: Recipe, index: int, block: nn.Module, linears: dic
                  if (job := consumer_job(o))]
     if not jobs:
         return {}
-    before = run_block(block, stream[0][None], kwargs)
+    before = run_block(block, stream[0][None], kwargs, out_dtype=torch.float32)
     records = {}
     for scope, producers, consumer, name, pattern, head_dim in jobs:
         start = time.perf_counter()
@@ -461,7 +461,7 @@ def _permute_channels(recipe: Recipe, index: int, block: nn.Module, linears: dic
             if target is not None:
                 dense[target] = modules[rel].weight.detach()
                 records[target] = {**record, "axis": axis}
-    after = run_block(block, stream[0][None], kwargs)
+    after = run_block(block, stream[0][None], kwargs, out_dtype=torch.float32)
     scale = float(before.abs().max().clamp_min(1e-30))
     if not bool(torch.isfinite(after).all()) or float((after - before).abs().max()) > 1e-4 * scale:
         raise RecipeError(f"block {index}: permute: {first.permute} changed the block's output (max difference "

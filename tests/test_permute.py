@@ -283,9 +283,10 @@ def test_pipeline_permutes_mlp_and_attention_and_records_it():
     from sdsonnx.masks import nm_violations
     from sdsonnx.pipeline import prune_model
 
-    model = tiny("qwen2")  # v_proj has a bias
+    model = tiny("qwen2").to(torch.bfloat16)  # v_proj has a bias; bf16 storage and activations
     stage = {"kind": "prune", "method": "wanda", "pattern": "2:4", "permute": "mlp+attention"}
-    result = prune_model(model, recipe([stage]), calibration(), progress=False)
+    result = prune_model(model, recipe([stage], dtype="bfloat16", activation_dtype="bfloat16"), calibration(),
+                         progress=False)
     axes = {n.rsplit(".", 1)[-1]: (r.permutation or {}).get("axis") for n, r in result.modules.items()
             if ".layers.2." in n}
     assert axes == {"q_proj": None, "k_proj": None, "v_proj": "rows", "o_proj": "columns", "gate_proj": "rows",
