@@ -78,8 +78,8 @@ def child(kind: str, d_out: int, d_in: int) -> dict:
     output_error(ctx.dense, weight, stats.hessian)
     peak = _kib("VmHWM") * 1024 - base
     result = {"kind": kind, "d_out": d_out, "d_in": d_in, "peak_bytes": peak}
-    if "prune" in phases:
-        result.update(prune_phase_bytes=phases["prune"], adjust_phase_bytes=peak)
+    if "prune" in phases:  # the peak was reset when the adjustment started
+        result.update(prune_phase_bytes=phases["prune"], adjust_phase_bytes=peak, peak_bytes=max(phases["prune"], peak))
     return result
 
 

@@ -24,10 +24,10 @@ def second_prune(method: str, w_dense: torch.Tensor, w_redense: torch.Tensor, w_
     if not (w_dense.shape == w_redense.shape == w_first.shape) or w_dense.dim() != 2:
         raise ValueError(f"w_dense {tuple(w_dense.shape)}, w_redense {tuple(w_redense.shape)} and w_first "
                          f"{tuple(w_first.shape)} must be the same 2-D shape")
-    h = stats.hessian.to(w_dense.device)
     w_ref = w_dense.float()
     w_second, _ = prune(method, w_redense.float(), stats, pattern, options, group=group)
     w_second = w_second.float()
+    h = stats.hessian.to(w_dense.device)  # after the prune, which builds its own: one H less at its peak
     r_first = reconstruction_loss(w_first.float(), w_ref, h, group)
     r_second = reconstruction_loss(w_second, w_ref, h, group)
     info = {"loss_first": r_first, "loss_second": r_second, "loss_adjusted": None,
