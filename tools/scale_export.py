@@ -67,13 +67,16 @@ def measured(cmd: list[str]) -> dict:
             "returncode": proc.returncode, "stdout": stdout, "stderr": stderr}
 
 
-def export_and_validate(checkpoint: Path, out: Path, validate_too: bool = True) -> dict:
+def export_and_validate(checkpoint: Path, out: Path, validate_too: bool = True, export_too: bool = True) -> dict:
     """The scale_export.json record of one export + lean validation of `checkpoint` into `out` (validation fields
-    None when not `validate_too` or when validation wrote no validation.json; its stderr tail is then kept)."""
+    None when not `validate_too` or when validation wrote no validation.json; its stderr tail is then kept; export
+    fields None when not `export_too`: `out` is an existing export)."""
     sdsonnx = [sys.executable, "-c", "import sys; from sdsonnx.cli import main; sys.argv[0] = 'sdsonnx'; main()"]
-    export = measured([*sdsonnx, "export", str(checkpoint), str(out), "--streamed", "--force"])
-    if export["returncode"]:
-        raise RuntimeError(f"export failed ({export['returncode']}):\n{export['stderr'][-4000:]}")
+    export = {"seconds": None, "peak_rss_bytes": None, "peak_anon_bytes": None}
+    if export_too:
+        export = measured([*sdsonnx, "export", str(checkpoint), str(out), "--streamed", "--force"])
+        if export["returncode"]:
+            raise RuntimeError(f"export failed ({export['returncode']}):\n{export['stderr'][-4000:]}")
     validate = {"seconds": None, "peak_rss_bytes": None, "peak_anon_bytes": None, "returncode": None, "stderr": ""}
     if validate_too:
         validate = measured([*sdsonnx, "validate", str(out), "--checkpoint", str(checkpoint), "--lean"])
@@ -130,8 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--json", type=Path, default=JSON_PATH)
     parser.add_argument("--no-validate", action="store_true", help="measure the export only")
+    parser.add_argument("--validate-only", action="store_true", help="measure the validation of an existing export")
     args = parser.parse_args(argv)
-    record = export_and_validate(args.checkpoint.resolve(), args.out.resolve(), not args.no_validate)
+    record = export_and_validate(args.checkpoint.resolve(), args.out.resolve(), not args.no_validate,
+                                 not args.validate_only)
     print(json.dumps(record, indent=2), flush=True)
     old = json.loads(args.json.read_text())["records"] if args.json.is_file() else []
     records = [r for r in old if r["shape"] != record["shape"] or r["pattern"] != record["pattern"]] + [record]
