@@ -80,11 +80,12 @@ OUTPUT_LEAVES = {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "d
 # Re-measured after the re-dense and adjustment solvers went in place (865cf31 and the next adjust commit), with
 # MALLOC_MMAP_THRESHOLD_=65536 so that every buffer is its own mapping and the peak exact: sparsegpt 5.54 H +
 # 2.69 W, wanda 0.92 H + 3.88 W, redense 1.00 H + 6.00 W, second_prune 5.27 H + 12.85 W.
-# Re-measured at LLaMA-7B's own shapes (tools/solver_memory.py; 4096 x 4096, 11008 x 4096, 4096 x 11008), where a
-# stage with phases is a max, not a sum: second_prune's second one-shot prune and its soft-mask adjustment never
-# hold their buffers at the same time. Each kind: its phases as (H copies, W copies); the work is the largest.
-SOLVER_WORK = {"sparsegpt": ((5.3, 1.6),), "wanda": ((1.25, 4.0),), "magnitude": ((1.25, 4.0),),
-               "redense": ((1.0, 6.0),), "second_prune": ((5.05, 2.8), (2.1, 13.3))}
+# Re-measured at LLaMA-7B's own shapes (tools/solver_memory.py, docs/BENCHMARKS.md "Scale"; fitted on 11008 x 4096
+# and 4096 x 11008, 4096 x 4096 within 3-10% above), where a stage with phases is a max, not a sum: second_prune's
+# second one-shot prune and its soft-mask adjustment never hold their buffers at the same time. Each kind: its
+# phases as (H copies, W copies); a stage's work is its largest phase.
+SOLVER_WORK = {"sparsegpt": ((5.6, 1.45),), "wanda": ((0.75, 3.75),), "magnitude": ((0.75, 3.75),),
+               "redense": ((1.0, 6.0),), "second_prune": ((5.1, 2.8), (2.0, 13.3))}
 STREAM_OUTPUT_COPIES = 1  # run_block writes each segment's output into one preallocated stream
 NAN_CHECK_COPIES = 0  # pipeline.check_finite_activations checks one segment at a time
 # pipeline.prune_model drops the captured block-0 inputs once the streams replace them
