@@ -172,3 +172,15 @@ def test_ood_evaluation_keeps_the_protocol_and_evaluates_the_run_folder():
         ["s", "eval", "/tmp/run/out", "--data", "sotu-addresses", "--window", "512", "--max-tokens", "40960", "--json"]
     assert quality_bench.dense_command("s") == \
         ["s", "eval", "smollm2-135m", "--data", "wiki-extracts", "--window", "512", "--max-tokens", "40960", "--json"]
+
+
+def test_runs_under_load_are_marked_and_get_no_time_ratio():
+    base = _record("sparsegpt", "2:4", 50.0, 80.0)
+    sds = _record("sds-sparsegpt", "2:4", 40.0, 72.0, "sd")
+    loaded_base = {**base, "load_average": [1.0, 3.5], "cpus": 2}  # 3.5 > 1.5 x 2 cores
+    lines = quality_bench.markdown_table([loaded_base, sds]).splitlines()
+    assert lines[2].startswith("| sparsegpt | 2:4 | uniform | 50.00 | - | 80.00 | - | - | 100* | - | - | 50* | - |")
+    assert lines[3].startswith("| sds-sparsegpt | 2:4 | sd | 40.00 | -20.0% | 72.00 | -10.0% | - | 100 | - | - | 50 | - |")
+    quiet_base = {**base, "load_average": [3.0, 2.9], "cpus": 2}  # at most 1.5 x 2: quiet
+    assert quality_bench.markdown_table([quiet_base, sds]).splitlines()[3].startswith(
+        "| sds-sparsegpt | 2:4 | sd | 40.00 | -20.0% | 72.00 | -10.0% | - | 100 | 1.00x | - | 50 | 1.00x |")

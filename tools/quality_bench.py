@@ -35,6 +35,7 @@ PROTOCOL = {
     "calibration": {"source": "wiki-extracts", "segments": 64, "length": 512, "seed": 0},
     "evaluation": {"source": "wiki-extracts", "window": 512, "max_tokens": 40960},
 }
+LOADED_PER_CORE = 1.5  # a run whose load average exceeds 1.5x the cores is marked "*" and gets no time ratio
 # The second, out-of-domain evaluation text (issue 16): same window and token cap as the in-domain one.
 OOD_EVALUATION = {"source": "sotu-addresses", "window": 512, "max_tokens": 40960}
 # SDS variants: (redense fields, second_prune fields, calibration fields). "sd" is the default recipe: re-dense on
@@ -145,6 +146,7 @@ def run_case(case: str, sdsonnx: str) -> dict:
         "peak_rss_mib": round(report["peak_rss_bytes"] / 2**20),
         "second_prune_kept": kept_counts(report),
         "load_average": load,  # 1-minute load at the start and the end: times taken under load are not costs
+        "cpus": os.cpu_count(),
         "git_commit": commit,
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -210,15 +212,25 @@ def markdown_table(records: list[dict]) -> str:
         ood = r.get("perplexity_ood")
         base_ood = base.get("perplexity_ood") if base else None
         ood_change = f"{100 * (ood / base_ood - 1):+.1f}%" if ood and base_ood else "-"
+        ood_cell = f"{ood:.2f}" if ood else "-"
+        mark = "*" if under_load(r) else ""
+        if base and (mark or under_load(base)):
+            base = None  # times taken under load are not costs: no ratio with them (the perplexity change stays)
         wall = f"{r['wall_seconds'] / base['wall_seconds']:.2f}x" if base else "-"
         # Records before the step evaluations were timed apart (no step_eval_seconds) get "-", not a guess.
         step_eval = r.get("step_eval_seconds")
         lean = f"{(r['wall_seconds'] - step_eval) / base['wall_seconds']:.2f}x" if base and step_eval else "-"
         prune = f"{r['prune_seconds'] / base['prune_seconds']:.2f}x" if base and base["prune_seconds"] else "-"
         rows.append(f"| {r['method']} | {r['pattern']} | {r['variant'] or r['profile']} | {r['perplexity']:.2f} | "
-                    f"{change} | {f'{ood:.2f}' if ood else '-'} | {ood_change} | {steps} | {r['wall_seconds']:.0f} | {wall} | {lean} | {r['prune_seconds']:.0f} | "
-                    f"{prune} | {r['peak_rss_mib']} | {r['git_commit']} |")
+                    f"{change} | {ood_cell} | {ood_change} | {steps} | {r['wall_seconds']:.0f}{mark} | {wall} | {lean} | "
+                    f"{r['prune_seconds']:.0f}{mark} | {prune} | {r['peak_rss_mib']} | {r['git_commit']} |")
     return "\n".join(rows)
+
+
+def under_load(record: dict) -> bool:
+    """Whether a run shared the CPUs: its 1-minute load average at start or end above 1.5x its cores (records
+    before `load_average` was kept count as quiet)."""
+    return max(record.get("load_average", [0.0])) > LOADED_PER_CORE * record.get("cpus", 2)
 
 
 def _row_order(record: dict) -> tuple:
