@@ -111,7 +111,8 @@ def run(recipe: str, output: str | None, no_progress: bool, force: bool, resume:
 
 @main.command("eval")
 @click.argument("model")
-@click.option("--data", default="wiki-extracts", show_default=True, help="Evaluation text source.")
+@click.option("--data", default="wiki-extracts", show_default=True,
+              help="Evaluation text: wiki-extracts, sotu-addresses (out of domain), c4, wikitext2 or a local file.")
 @click.option("--window", default=2048, show_default=True, help="Tokens per window.")
 @click.option("--max-tokens", type=int, default=None, help="Cap on evaluation tokens.")
 @click.option("--json", "as_json", is_flag=True,

