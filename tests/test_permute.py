@@ -151,14 +151,7 @@ def test_an_mlp_computes_the_same_after_permuting_rows_columns_and_biases():
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_permuting_every_mlp_of_a_real_model_keeps_its_logits(arch):
-    model = tiny(arch)
-    gen = torch.Generator().manual_seed(0)
-    for mod in model.modules():  # random biases (OPT's fc1), so that a forgotten bias would show
-        if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
-            mod.bias.data = torch.randn(mod.bias.shape, generator=gen) * 0.1
-    ids = calibration(2, 16)
-    with torch.no_grad():
-        before = model(ids).logits
+    model, gen, ids, before = _biased_model(arch)
     for block in _blocks(model):
         pairs = block_mlp_pairs(block)
         assert pairs == ([(["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj")] if arch == "llama" else [(["fc1"], "fc2")])
@@ -173,10 +166,9 @@ def _blocks(model):
     return model.model.decoder.layers if hasattr(model.model, "decoder") else model.model.layers
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2", "gemma3"])
-def test_permuting_value_channels_within_heads_keeps_the_logits(arch):
-    """v_proj rows and o_proj columns permuted per kv head (GQA: 4 query heads on 2 kv heads) keep the function;
-    moving v_proj's rows alone does not (the check can fail)."""
+def _biased_model(arch):
+    """(tiny model with random Linear biases, so that a forgotten bias would show; its generator; token ids;
+    the logits before any permutation)."""
     model = tiny(arch)
     gen = torch.Generator().manual_seed(0)
     for mod in model.modules():
@@ -185,6 +177,14 @@ def test_permuting_value_channels_within_heads_keeps_the_logits(arch):
     ids = calibration(2, 16)
     with torch.no_grad():
         before = model(ids).logits
+    return model, gen, ids, before
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2", "gemma3"])
+def test_permuting_value_channels_within_heads_keeps_the_logits(arch):
+    """v_proj rows and o_proj columns permuted per kv head (GQA: 4 query heads on 2 kv heads) keep the function;
+    moving v_proj's rows alone does not (the check can fail)."""
+    model, gen, ids, before = _biased_model(arch)
     for block in _blocks(model):
         (v, o, head_dim), = block_attention_pairs(block)
         assert head_dim == 16 and v.endswith("v_proj") and o.endswith(("o_proj", "out_proj"))
