@@ -13,6 +13,11 @@ markdown table between the quality markers of docs/BENCHMARKS.md is regenerated 
 
   .venv/bin/python tools/quality_bench.py --cases dense,magnitude:0.5,wanda:2:4,sparsegpt:4:8
   .venv/bin/python tools/quality_bench.py --cases sds-sparsegpt:2:4 --cases sds-sparsegpt:2:4:dd
+  .venv/bin/python tools/quality_bench.py --cases sparsegpt:2:4@1,sparsegpt:2:4@2   # calibration seeds 1 and 2
+
+A case is METHOD:PATTERN[:VARIANT][@SEED]: VARIANT is `owl` or `perm` (channel permutation, mlp+attention, n:m
+only) for any run, or one of SDS_VARIANTS for an sds- run; SEED replaces the calibration seed (default 0, the
+protocol's), so the seed spread is read from the same cases at seeds 0, 1, 2.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ PROTOCOL = {
     "calibration": {"source": "wiki-extracts", "segments": 64, "length": 512, "seed": 0},
     "evaluation": {"source": "wiki-extracts", "window": 512, "max_tokens": 40960},
 }
+PRUNE_VARIANTS = {"owl": {"profile": "owl"}, "perm": {"permute": "mlp+attention"}}  # first-prune options
 LOADED_PER_CORE = 1.5  # a run whose load average exceeds 1.5x the cores is marked "*" and gets no time ratio
 # The second, out-of-domain evaluation text (issue 16): same window and token cap as the in-domain one.
 OOD_EVALUATION = {"source": "sotu-addresses", "window": 512, "max_tokens": 40960}
@@ -58,15 +64,26 @@ def pattern_fields(pattern: str) -> dict:
     return {"pattern": pattern} if ":" in pattern else {"sparsity": float(pattern)}
 
 
+def split_seed(case: str) -> tuple[str, int]:
+    """'CASE@SEED' -> (CASE, SEED); a case without '@' runs at the protocol's calibration seed."""
+    name, _, seed = case.partition("@")
+    if seed and not seed.isdigit():
+        raise ValueError(f"bad case {case!r}: the calibration seed after '@' must be a non-negative integer")
+    return name, int(seed) if seed else PROTOCOL["calibration"]["seed"]
+
+
 def parse_case(case: str) -> tuple[bool, str, str, str]:
-    """'METHOD:PATTERN[:VARIANT]' or 'sds-METHOD:PATTERN[:VARIANT]' -> (sds, method, pattern, variant)."""
-    head, *rest = case.split(":")
+    """'METHOD:PATTERN[:VARIANT][@SEED]' or 'sds-METHOD:PATTERN[:VARIANT][@SEED]' -> (sds, method, pattern,
+    variant); the seed is split_seed's."""
+    head, *rest = split_seed(case)[0].split(":")
     pattern = ":".join(rest[:2]) if len(rest) >= 2 and rest[1].isdigit() else (rest[0] if rest else "")
     extra = rest[2:] if ":" in pattern else rest[1:]
     sds = head.startswith("sds-")
     variant = extra[0] if extra else ("sd" if sds else "")
-    if not pattern or (variant and variant != "owl" and variant not in SDS_VARIANTS) or (variant in SDS_VARIANTS and not sds):
-        raise ValueError(f"bad case {case!r}: METHOD:PATTERN[:owl] or sds-METHOD:PATTERN[:owl|{'|'.join(SDS_VARIANTS)}]")
+    if (not pattern or (variant and variant not in PRUNE_VARIANTS and variant not in SDS_VARIANTS)
+            or (variant in SDS_VARIANTS and not sds) or (variant == "perm" and ":" not in pattern)):
+        raise ValueError(f"bad case {case!r}: METHOD:PATTERN[:owl|perm][@SEED] or "
+                         f"sds-METHOD:PATTERN[:owl|perm|{'|'.join(SDS_VARIANTS)}][@SEED] (perm needs an n:m pattern)")
     return sds, head.removeprefix("sds-"), pattern, variant
 
 
@@ -76,11 +93,11 @@ def case_recipe(case: str) -> dict:
         raise ValueError("the dense model is measured by `sdsonnx eval --json`, not by a pruning run")
     sds, method, pattern, variant = parse_case(case)
     recipe = json.loads(json.dumps(PROTOCOL))
+    recipe["calibration"]["seed"] = split_seed(case)[1]
     recipe["evaluation"].update(dense=False, each_step=True)
     recipe["weight_figure"] = "auto" if sds else None
     prune = {"kind": "prune", "method": method, **pattern_fields(pattern)}
-    if variant == "owl":
-        prune["profile"] = "owl"
+    prune.update(PRUNE_VARIANTS.get(variant, {}))
     recipe["stages"] = [prune]
     if sds:
         redense, second, calibration = SDS_VARIANTS.get(variant, ({}, {}, {}))
@@ -132,7 +149,8 @@ def run_case(case: str, sdsonnx: str) -> dict:
         "pattern": report["pattern"],
         "variant": parse_case(case)[3] if case != "dense" else "",
         "profile": report["profile"],
-        "calibration": PROTOCOL["calibration"],
+        "calibration": {**PROTOCOL["calibration"], "seed": split_seed(case)[1]},
+        "permute": PRUNE_VARIANTS.get(parse_case(case)[3], {}).get("permute", "none") if case != "dense" else "none",
         "evaluation": PROTOCOL["evaluation"],
         "perplexity": ppl.get("pruned", ppl.get("dense")),
         "perplexity_steps": {k: v for k, v in ppl.items() if k.startswith("after_")},
@@ -191,11 +209,17 @@ def save_records(records: list[dict]) -> None:
 
 
 def base_of(record: dict, records: list[dict]) -> dict | None:
-    """The one-shot run an SDS run starts from: same base method, pattern and profile."""
+    """The one-shot run an SDS run starts from: same base method, pattern, profile, channel permutation and
+    calibration seed (records before these were kept: none, the protocol's seed)."""
     if not record["method"].startswith("sds-"):
         return None
-    key = (record["method"].removeprefix("sds-"), record["pattern"], record["profile"])
-    return next((r for r in records if (r["method"], r["pattern"], r["profile"]) == key), None)
+    key = (record["method"].removeprefix("sds-"), *_base_key(record)[1:])
+    return next((r for r in records if _base_key(r) == key), None)
+
+
+def _base_key(record: dict) -> tuple:
+    return (record["method"], record["pattern"], record["profile"], record.get("permute", "none"),
+            record["calibration"]["seed"])
 
 
 def markdown_table(records: list[dict]) -> str:
@@ -221,10 +245,35 @@ def markdown_table(records: list[dict]) -> str:
         step_eval = r.get("step_eval_seconds")
         lean = f"{(r['wall_seconds'] - step_eval) / base['wall_seconds']:.2f}x" if base and step_eval else "-"
         prune = f"{r['prune_seconds'] / base['prune_seconds']:.2f}x" if base and base["prune_seconds"] else "-"
-        rows.append(f"| {r['method']} | {r['pattern']} | {r['variant'] or r['profile']} | {r['perplexity']:.2f} | "
+        variant = (r["variant"] or r["profile"]) + (f" @{r['calibration']['seed']}" if r["calibration"]["seed"] else "")
+        rows.append(f"| {r['method']} | {r['pattern']} | {variant} | {r['perplexity']:.2f} | "
                     f"{change} | {ood_cell} | {ood_change} | {steps} | {r['wall_seconds']:.0f}{mark} | {wall} | {lean} | "
                     f"{r['prune_seconds']:.0f}{mark} | {prune} | {r['peak_rss_mib']} | {r['git_commit']} |")
     return "\n".join(rows)
+
+
+def seed_spread_table(records: list[dict]) -> str:
+    """Cases run at several calibration seeds: mean, range and spread ((max - min) / mean) of both perplexities,
+    so a difference between cases is read against what the sampling alone moves."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(split_seed(r["case"])[0], []).append(r)
+    rows = ["| case | seeds | perplexity mean | range | spread | OOD mean | OOD range | OOD spread |",
+            "|---|---|---|---|---|---|---|---|"]
+    for case, group in sorted(groups.items(), key=lambda item: _row_order(item[1][0])):
+        if len({r["calibration"]["seed"] for r in group}) < 2:
+            continue
+        seeds = ",".join(str(r["calibration"]["seed"]) for r in sorted(group, key=lambda r: r["calibration"]["seed"]))
+        cells = []
+        for key in ("perplexity", "perplexity_ood"):
+            values = [r[key] for r in group if r.get(key)]
+            if len(values) < 2:
+                cells += ["-", "-", "-"]
+                continue
+            mean = sum(values) / len(values)
+            cells += [f"{mean:.2f}", f"{min(values):.2f}-{max(values):.2f}", f"{100 * (max(values) - min(values)) / mean:.1f}%"]
+        rows.append(f"| {case} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def under_load(record: dict) -> bool:
@@ -239,12 +288,14 @@ def _row_order(record: dict) -> tuple:
     pattern = patterns.index(record["pattern"]) if record["pattern"] in patterns else len(patterns)
     method = record["method"].removeprefix("sds-")
     return (pattern, record["pattern"], record["profile"] != "uniform", method, record["method"].startswith("sds-"),
-            record["variant"] != "sd", record["variant"])
+            record["variant"] not in ("sd", ""), record["variant"], record["calibration"]["seed"])
 
 
 def update_markdown(records: list[dict]) -> None:
     text = MD_PATH.read_text() if MD_PATH.exists() else "# Benchmarks\n"
-    block = f"{MARK_BEGIN}\n{markdown_table(records)}\n{MARK_END}"
+    spread = seed_spread_table(records)
+    spread = f"\n\nSeed spread (the same case at several calibration seeds):\n\n{spread}" if spread else ""
+    block = f"{MARK_BEGIN}\n{markdown_table(records)}{spread}\n{MARK_END}"
     if MARK_BEGIN in text:
         head, rest = text.split(MARK_BEGIN, 1)
         text = head + block + rest.split(MARK_END, 1)[1]
