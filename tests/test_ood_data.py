@@ -184,3 +184,40 @@ def test_runs_under_load_are_marked_and_get_no_time_ratio():
     quiet_base = {**base, "load_average": [3.0, 2.9], "cpus": 2}  # at most 1.5 x 2: quiet
     assert quality_bench.markdown_table([quiet_base, sds]).splitlines()[3].startswith(
         "| sds-sparsegpt | 2:4 | sd | 40.00 | -20.0% | 72.00 | -10.0% | - | 100 | 1.00x | - | 50 | 1.00x |")
+
+
+def _seeded(record: dict, seed: int, permute: str = "none") -> dict:
+    case = record["case"] + (":perm" if permute != "none" else "") + (f"@{seed}" if seed else "")
+    return {**record, "case": case, "calibration": {"seed": seed}, "permute": permute}
+
+
+def test_cases_carry_the_calibration_seed_and_the_permutation():
+    assert quality_bench.split_seed("sds-sparsegpt:2:4:kd@2") == ("sds-sparsegpt:2:4:kd", 2)
+    assert quality_bench.split_seed("wanda:0.5") == ("wanda:0.5", 0)
+    recipe = quality_bench.case_recipe("sds-sparsegpt:2:4:perm@1")
+    assert recipe["calibration"]["seed"] == 1
+    assert recipe["stages"][0] == {"kind": "prune", "method": "sparsegpt", "pattern": "2:4", "permute": "mlp+attention"}
+    assert [s["kind"] for s in recipe["stages"]] == ["prune", "redense", "second_prune"]
+    for bad in ("sparsegpt:0.5:perm", "sparsegpt:2:4@x", "sparsegpt:2:4:kd"):  # perm needs n:m; kd is SDS-only
+        with pytest.raises(ValueError, match="bad case"):
+            quality_bench.case_recipe(bad)
+
+
+def test_sds_base_is_the_one_shot_run_at_the_same_seed_and_permutation():
+    base = _record("sparsegpt", "2:4", 50.0, 80.0)
+    sds = _record("sds-sparsegpt", "2:4", 40.0, 72.0, "sd")
+    records = [base, _seeded(base, 1), _seeded(base, 0, "mlp+attention"), sds, _seeded(sds, 1),
+               _seeded(sds, 0, "mlp+attention")]
+    assert quality_bench.base_of(records[4], records) is records[1]
+    assert quality_bench.base_of(records[5], records) is records[2]
+    assert quality_bench.base_of(sds, records) is base  # a record without the fields: seed 0, no permutation
+
+
+def test_seed_spread_table_is_mean_range_and_relative_spread():
+    base = _record("sparsegpt", "2:4", 50.0, 80.0)
+    records = [base, {**_seeded(base, 1), "perplexity": 52.0, "perplexity_ood": 90.0},
+               {**_seeded(base, 2), "perplexity": 54.0, "perplexity_ood": 100.0}, _record("wanda", "2:4", 9.0, None)]
+    lines = quality_bench.seed_spread_table(records).splitlines()
+    assert lines[2] == "| sparsegpt:2:4 | 0,1,2 | 52.00 | 50.00-54.00 | 7.7% | 90.00 | 80.00-100.00 | 22.2% |"
+    assert len(lines) == 3  # wanda ran at one seed only: no row
+    assert quality_bench.seed_spread_table(records[:1]) == ""

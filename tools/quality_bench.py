@@ -217,9 +217,13 @@ def base_of(record: dict, records: list[dict]) -> dict | None:
     return next((r for r in records if _base_key(r) == key), None)
 
 
+def _seed(record: dict) -> int:
+    return record.get("calibration", {}).get("seed", PROTOCOL["calibration"]["seed"])
+
+
 def _base_key(record: dict) -> tuple:
     return (record["method"], record["pattern"], record["profile"], record.get("permute", "none"),
-            record["calibration"]["seed"])
+            _seed(record))
 
 
 def markdown_table(records: list[dict]) -> str:
@@ -245,7 +249,7 @@ def markdown_table(records: list[dict]) -> str:
         step_eval = r.get("step_eval_seconds")
         lean = f"{(r['wall_seconds'] - step_eval) / base['wall_seconds']:.2f}x" if base and step_eval else "-"
         prune = f"{r['prune_seconds'] / base['prune_seconds']:.2f}x" if base and base["prune_seconds"] else "-"
-        variant = (r["variant"] or r["profile"]) + (f" @{r['calibration']['seed']}" if r["calibration"]["seed"] else "")
+        variant = (r["variant"] or r["profile"]) + (f" @{_seed(r)}" if _seed(r) else "")
         rows.append(f"| {r['method']} | {r['pattern']} | {variant} | {r['perplexity']:.2f} | "
                     f"{change} | {ood_cell} | {ood_change} | {steps} | {r['wall_seconds']:.0f}{mark} | {wall} | {lean} | "
                     f"{r['prune_seconds']:.0f}{mark} | {prune} | {r['peak_rss_mib']} | {r['git_commit']} |")
@@ -261,9 +265,9 @@ def seed_spread_table(records: list[dict]) -> str:
     rows = ["| case | seeds | perplexity mean | range | spread | OOD mean | OOD range | OOD spread |",
             "|---|---|---|---|---|---|---|---|"]
     for case, group in sorted(groups.items(), key=lambda item: _row_order(item[1][0])):
-        if len({r["calibration"]["seed"] for r in group}) < 2:
+        if len({_seed(r) for r in group}) < 2:
             continue
-        seeds = ",".join(str(r["calibration"]["seed"]) for r in sorted(group, key=lambda r: r["calibration"]["seed"]))
+        seeds = ",".join(str(_seed(r)) for r in sorted(group, key=lambda r: _seed(r)))
         cells = []
         for key in ("perplexity", "perplexity_ood"):
             values = [r[key] for r in group if r.get(key)]
@@ -288,7 +292,7 @@ def _row_order(record: dict) -> tuple:
     pattern = patterns.index(record["pattern"]) if record["pattern"] in patterns else len(patterns)
     method = record["method"].removeprefix("sds-")
     return (pattern, record["pattern"], record["profile"] != "uniform", method, record["method"].startswith("sds-"),
-            record["variant"] not in ("sd", ""), record["variant"], record["calibration"]["seed"])
+            record["variant"] not in ("sd", ""), record["variant"], _seed(record))
 
 
 def update_markdown(records: list[dict]) -> None:
