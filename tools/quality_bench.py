@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -114,8 +115,9 @@ def git_commit() -> str:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def run_case(case: str, sdsonnx: str) -> dict:
-    """One benchmark run in a subprocess; returns its record, stamped with the commit its code was loaded from."""
+def run_case(case: str, sdsonnx: str, keep: Path | None = None) -> dict:
+    """One benchmark run in a subprocess; returns its record, stamped with the commit its code was loaded from.
+    keep: copy the run's output folder to keep/CASE (':' -> '_') for later use (e.g. tools/quantized_bench.py)."""
     commit = git_commit()  # before the run: HEAD may move while a long case runs
     load = [round(os.getloadavg()[0], 2)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,6 +139,8 @@ def run_case(case: str, sdsonnx: str) -> dict:
             report = json.loads((Path(tmp) / "out" / "report.json").read_text())
             report["wall_seconds"]["total"] = time.perf_counter() - start
             model = str(Path(tmp) / "out")
+            if keep is not None:
+                shutil.copytree(model, keep / case.replace(":", "_"), dirs_exist_ok=True)
         start = time.perf_counter()
         ood = eval_json(eval_command(sdsonnx, model, OOD_EVALUATION))
         ood_seconds = time.perf_counter() - start
@@ -312,6 +316,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", action="append", required=True, help="comma-separated cases (see module doc)")
     parser.add_argument("--sdsonnx", default=str(ROOT / ".venv" / "bin" / "sdsonnx"))
+    parser.add_argument("--keep", type=Path, help="copy each run's output folder to KEEP/CASE (':' -> '_')")
     args = parser.parse_args()
     cases = [c for group in args.cases for c in _split_cases(group)]
     for case in cases:
@@ -319,7 +324,7 @@ def main() -> None:
             case_recipe(case)  # fail on a malformed case before any run starts
     for case in cases:
         print(f"running {case} ...", flush=True)
-        record = run_case(case, args.sdsonnx)
+        record = run_case(case, args.sdsonnx, args.keep)
         records = [r for r in load_records() if r["case"] != case] + [record]
         save_records(records)
         update_markdown(records)
