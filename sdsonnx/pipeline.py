@@ -10,7 +10,8 @@ are kept and advanced.
 Per block:  0. weights.load: the block's weights (read from the source shards when streaming, sdsonnx/shards.py);
             1. cast the block to float32 on the working device;
             2. for each stage: set the stage's input weights, run the block over the stage's stream with
-               hooks that accumulate X X^T of every target Linear's input, apply the stage function;
+               hooks that accumulate X X^T of every target Linear's input (its squared norms alone when no stage
+               needs X X^T: stats.needs_gram), apply the stage function;
             3. advance each stream through the block with that stream's version of the weights (reusing the
                output of step 2 where a stage already ran that very pass);
             4. cast the block back to its storage dtype, advance the evaluation streams (one per reported version,
@@ -46,7 +47,7 @@ from .resume import LoopState
 from .shards import InMemoryWeights
 from .streams import StreamStore
 from .stages import ROW_SPLIT_STAGES, STAGES, ModuleContext
-from .stats import LayerStats, output_error
+from .stats import LayerStats, needs_gram, output_error
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,17 +135,18 @@ def _use_weights(linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor]
 
 
 def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict,
-                  keep_inputs: bool = False) -> dict[str, LayerStats]:
-    """Run the block over hidden [n, L, d] and return each target Linear's input statistics."""
-    return collect_stats_and_output(block, linears, hidden, kwargs, keep_inputs)[0]
+                  keep_inputs: bool = False, full: bool = True) -> dict[str, LayerStats]:
+    """Run the block over hidden [n, L, d] and return each target Linear's input statistics (with X X^T when
+    `full`, else the squared norms only)."""
+    return collect_stats_and_output(block, linears, hidden, kwargs, keep_inputs, full=full)[0]
 
 
 def collect_stats_and_output(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict,
-                             keep_inputs: bool = False, store: StreamStore | None = None, keep_output: bool = True
-                             ) -> tuple[dict[str, LayerStats], torch.Tensor | None]:
+                             keep_inputs: bool = False, store: StreamStore | None = None, keep_output: bool = True,
+                             full: bool = True) -> tuple[dict[str, LayerStats], torch.Tensor | None]:
     """collect_stats, plus the block's output [n, L, d] of that same pass (the next block's input; None when not
     `keep_output`)."""
-    stats = {name: LayerStats(mod.in_features, keep_inputs=keep_inputs) for name, mod in linears.items()}
+    stats = {name: LayerStats(mod.in_features, full=full, keep_inputs=keep_inputs) for name, mod in linears.items()}
     with _collecting(block, linears, stats):
         out = run_block(block, hidden, kwargs, store=store, keep=keep_output)
     return stats, out
@@ -162,7 +164,7 @@ def owl_block_sparsity(blocks: nn.ModuleList, targets: dict[int, dict[str, nn.Li
         weights.load(index, block)
         dtype = next(block.parameters()).dtype
         block.to(device, torch.float32)
-        stats, hidden = collect_stats_and_output(block, targets[index], hidden, kwargs[index])
+        stats, hidden = collect_stats_and_output(block, targets[index], hidden, kwargs[index], full=False)
         if group is not None:
             group.reduce_stats(stats)
         scores = [mod.weight.detach().abs() * stats[name].sq_norm.sqrt() for name, mod in targets[index].items()]
@@ -363,8 +365,9 @@ def check_finite_weight(weight: torch.Tensor, block: int, name: str, stage: int,
 
 
 def check_finite_inputs(stats, block: int, name: str, stage: int, kind: str) -> None:
-    """NumericalError naming block and module where the inputs of a Linear (its X X^T) have NaN/Inf."""
-    if not bool(torch.isfinite(stats.hessian).all()):
+    """NumericalError naming block and module where the inputs of a Linear (its X X^T, or its squared norms where
+    the run collects no X X^T) have NaN/Inf."""
+    if not stats.all_finite():
         raise NumericalError(f"block {block}, module {name}: NaN/Inf in its input activations (statistics of stage "
                              f"{stage}, {kind}); a weight of an earlier module or block is NaN/Inf, or the activations "
                              "overflow their dtype (try activation_dtype: float32)")
@@ -396,14 +399,15 @@ def stage_with_fallbacks(stage, w: torch.Tensor, ctx: ModuleContext) -> tuple[to
     return weight, info
 
 
-def _stage_on_rows(stage, w: torch.Tensor, ctx: ModuleContext, group) -> tuple[torch.Tensor, dict, float]:
+def _stage_on_rows(stage, w: torch.Tensor, ctx: ModuleContext, group) -> tuple[torch.Tensor, dict, float | None]:
     """stage_with_fallbacks on this rank's rows of W (and of the dense and first-pruned weights), then the whole
-    new W [d_out, d_in] all-gathered from every rank; with the record's output error, summed over the rows."""
+    new W [d_out, d_in] all-gathered from every rank; with the record's output error, summed over the rows (None
+    where the run collects no X X^T)."""
     rows = group.row_slice(w.shape[0])
     local = replace(ctx, dense=ctx.dense[rows], group=group,
                     first_pruned=None if ctx.first_pruned is None else ctx.first_pruned[rows])
     weight, info = stage_with_fallbacks(stage, w[rows], local)
-    error = output_error(local.dense, weight, ctx.stats.hessian, group)
+    error = None if ctx.stats.xtx is None else output_error(local.dense, weight, ctx.stats.hessian, group)
     return group.gather_rows(weight.float().contiguous(), w.shape[0]), info, error
 
 
@@ -479,6 +483,7 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
     advanced through the block: a stage that reads stream version i with input weights version i (the re-dense
     stage on SD data) has run exactly the pass that advances that stream, so it is not run twice."""
     first = recipe.first_prune
+    full = needs_gram(recipe.stages)  # Wanda / magnitude alone: squared norms only, no error records (stats.py)
     versions = [{n: mod.weight.detach() for n, mod in linears.items()}]  # the block is float32 here
     advanced: dict[StreamKey, torch.Tensor] = {}
     permuted: dict[str, dict] = {}  # the first prune's `permute` records, {target name: record}
@@ -488,7 +493,8 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
         keep_inputs = getattr(stage, "solver", None) == "sgd"
         key = stream_key(recipe, i)
         keep = key.version == i and key not in advanced
-        stats, block_output = collect_stats_and_output(block, linears, streams[key], kwargs, keep_inputs, store, keep)
+        stats, block_output = collect_stats_and_output(block, linears, streams[key], kwargs, keep_inputs, store, keep,
+                                                       full)
         if group is not None:
             group.reduce_stats(stats)
         if keep:
@@ -511,7 +517,7 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
                 weight, info, error = _stage_on_rows(stage, versions[i][name], ctx, group)
             else:
                 weight, info = stage_with_fallbacks(stage, versions[i][name], ctx)
-                error = output_error(ctx.dense, weight, stats[name].hessian)
+                error = output_error(ctx.dense, weight, stats[name].hessian) if full else None
             check_finite_weight(weight, index, name, i, stage.kind)
             out[name] = weight.float()
             record = StageRecord(stage.kind, float((weight == 0).float().mean()), error, time.perf_counter() - t0, info)

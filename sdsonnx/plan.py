@@ -24,9 +24,11 @@ What a streaming run (sdsonnx/shards.py, pipeline.prune_model) holds at its peak
   each intermediate version when each_step and > 1 stage, the final one);
 - the largest of the block's working phases (`RunPlan.phases`): a solver (one float32 Gram d_in x d_in per
   distinct Linear input, q/k/v sharing one and gate/up another, plus the working copies of the most demanding
-  stage and Linear, SOLVER_WORK, measured); a statistics pass (the Grams, float32 activations of one segment
-  `forward_bytes`, and the pass's output, STREAM_OUTPUT_COPIES streams); a calibration stream advance (the new
-  stream next to the old one, plus NAN_CHECK_COPIES); an evaluation stream advance;
+  stage and Linear, SOLVER_WORK, measured; a recipe of Wanda / magnitude prunes alone collects no Gram,
+  stats.needs_gram: one float32 vector d_in per input, and GRAM_FREE_WORK); a statistics pass (the Grams,
+  float32 activations of one segment `forward_bytes`, and the pass's output, STREAM_OUTPUT_COPIES streams); a
+  calibration stream advance (the new stream next to the old one, plus NAN_CHECK_COPIES); an evaluation stream
+  advance;
 - the LM head phase (after the last block): evaluation streams, non-block weights and LOGIT_COPIES float32
   [window, V] logits; the peak is the larger of the block phase and this phase.
 A memory budget moves the streams (calibration + evaluation, not the transients) beyond it from RAM to disk.
@@ -34,11 +36,12 @@ Disk: the output checkpoint (all weights in storage dtype), spilled streams, the
 resume.Checkpointer deletes the previous commit's file after writing the next).
 
 Time per block: FLOPs of the block passes (2 params per token and 2 L d for attention, one statistics pass per
-stage with its Gram updates 2 d_in^2 per token, plus the stream advances not reused from a statistics pass, plus
-every evaluated version's pass), of the solvers per Linear (`stage_cost`) and of the per-module error records,
-divided by a measured float32 matmul rate (`measure_gflops`; the evaluation passes, which run in the storage
-dtype on the CPU, by that dtype's rate), plus the solvers' work that runs below that rate (SPARSEGPT_LOOP,
-REDENSE_COST, ADJUST_COST: fitted seconds on this project's host, not rescaled to another).
+stage with its Gram updates 2 d_in^2 per token, or squared norms 2 d_in without Grams, plus the stream advances
+not reused from a statistics pass, plus every evaluated version's pass), of the solvers per Linear (`stage_cost`)
+and of the per-module error records (none without Grams), divided by a measured float32 matmul rate
+(`measure_gflops`; the evaluation passes, which run in the storage dtype on the CPU, by that dtype's rate), plus
+the solvers' work that runs below that rate (SPARSEGPT_LOOP, REDENSE_COST, ADJUST_COST: fitted seconds on this
+project's host, not rescaled to another).
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ import torch
 
 from .errors import InputError
 from .recipe import Recipe, parse_bytes
+from .stats import needs_gram
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +90,14 @@ OUTPUT_LEAVES = {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "d
 # and 4096 x 11008, 4096 x 4096 within 3-10% above), where a stage with phases is a max, not a sum: second_prune's
 # second one-shot prune and its soft-mask adjustment never hold their buffers at the same time. Each kind: its
 # phases as (H copies, W copies); a stage's work is its largest phase.
-SOLVER_WORK = {"sparsegpt": ((5.6, 1.45),), "wanda": ((0.75, 3.75),), "magnitude": ((0.75, 3.75),),
+# magnitude's own selection at 50% (matrix-wide) holds 6.03 W (GRAM_FREE_WORK), above the error record's phase.
+SOLVER_WORK = {"sparsegpt": ((5.6, 1.45),), "wanda": ((0.75, 3.75),), "magnitude": ((0.75, 3.75), (0.0, 6.05)),
                "redense": ((1.0, 6.0),), "second_prune": ((5.1, 2.8), (2.0, 13.3))}
+# A run without Grams (stats.needs_gram false: Wanda / magnitude prunes alone) writes no error record, so its stage
+# holds only the method's own buffers; measured the same way (the stage alone on squared-norm statistics; shapes
+# 4096 x 4096, 8192 x 2048, 2048 x 8192 agree within 0.01 W): wanda 4.04 W at 50% and 2:4; magnitude 6.03 W at 50%,
+# 4.02 W at 2:4 (its larger figure taken).
+GRAM_FREE_WORK = {"wanda": ((0.0, 4.05),), "magnitude": ((0.0, 6.05),)}
 STREAM_OUTPUT_COPIES = 1  # run_block writes each segment's output into one preallocated stream
 NAN_CHECK_COPIES = 0  # pipeline.check_finite_activations checks one segment at a time
 # pipeline.prune_model drops the captured block-0 inputs once the streams replace them
@@ -267,18 +277,21 @@ def forward_bytes(linears: tuple[LinearShape, ...], hidden: int, tokens: int) ->
     return F32 * tokens * (max(by_group.values()) + max(lin.d_out for lin in linears) + 2 * hidden)
 
 
-def gram_bytes(linears: tuple[LinearShape, ...]) -> int:
-    """One float32 Gram d_in x d_in per distinct input group."""
+def gram_bytes(linears: tuple[LinearShape, ...], full: bool = True) -> int:
+    """One float32 Gram d_in x d_in per distinct input group; without `full` (no stage needs X X^T,
+    stats.needs_gram) one float32 squared-norm vector d_in per group."""
     widths = {lin.group: lin.d_in for lin in linears}
-    return F32 * sum(d * d for d in widths.values())
+    return F32 * sum(d * d if full else d for d in widths.values())
 
 
 def solver_bytes(recipe: Recipe, linears: tuple[LinearShape, ...]) -> int:
-    """Working memory of the most demanding (stage, Linear, phase): SOLVER_WORK float32 copies of H and W."""
+    """Working memory of the most demanding (stage, Linear, phase): SOLVER_WORK float32 copies of H and W
+    (GRAM_FREE_WORK where the recipe collects no Gram)."""
     kinds = [s.method if s.kind == "prune" else s.kind for s in recipe.stages]
+    work = SOLVER_WORK if needs_gram(recipe.stages) else GRAM_FREE_WORK
     worst = 0.0
     for kind in kinds:
-        for squares, weights in SOLVER_WORK[kind]:
+        for squares, weights in work[kind]:
             for lin in linears:
                 worst = max(worst, F32 * (squares * lin.d_in ** 2 + weights * lin.d_out * lin.d_in))
     return int(worst)
@@ -297,10 +310,11 @@ def prune_cost(method: str, d_out: int, d_in: int, blocksize: int = 128) -> tupl
 
 def stage_cost(recipe: Recipe, index: int, d_out: int, d_in: int) -> tuple[float, float]:
     """(FLOPs, loop seconds) of stage `index` on one Linear [d_out, d_in], with its error record (two W H
-    products); solver iterations at their max_iter (tol rarely stops them early)."""
+    products; none where the recipe collects no Gram); solver iterations at their max_iter (tol rarely stops them
+    early)."""
     stage, first = recipe.stages[index], recipe.first_prune
     product = 2.0 * d_out * d_in * d_in  # one W @ H
-    record = 2 * product
+    record = 2 * product if needs_gram(recipe.stages) else 0.0
     weights, squares = d_out * d_in, d_in * d_in
     if stage.kind == "prune":
         flops, seconds = prune_cost(stage.method, d_out, d_in, stage.blocksize)
@@ -345,10 +359,11 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
     in_ram = streams if memory_budget is None else min(streams, memory_budget)
     seq = max(cal.length, ev.window if ev is not None else 0)
 
-    biggest = max(range(shape.blocks), key=lambda i: (shape.block_params[i], gram_bytes(shape.linears[i])))
+    full = needs_gram(recipe.stages)  # Grams, or squared norms only (Wanda / magnitude alone)
+    biggest = max(range(shape.blocks), key=lambda i: (shape.block_params[i], gram_bytes(shape.linears[i], full)))
     lins = shape.linears[biggest]
     target_params = sum(lin.d_out * lin.d_in for lin in lins)
-    grams, forward = gram_bytes(lins), forward_bytes(lins, d, seq)
+    grams, forward = gram_bytes(lins, full), forward_bytes(lins, d, seq)
     phases = {
         "solver: Grams + working copies": grams + solver_bytes(recipe, lins),
         "statistics pass: Grams + output": grams + forward + STREAM_OUTPUT_COPIES * cal_stream,
@@ -386,7 +401,8 @@ def plan_from_shape(shape: ModelShape, recipe: Recipe, memory_budget: int | None
     loop_seconds = 0.0
     for index in range(shape.blocks):
         per_token = 2.0 * shape.block_params[index] + 2.0 * cal.length * d
-        grams = 2.0 * sum(w * w for w in {lin.group: lin.d_in for lin in shape.linears[index]}.values())
+        widths = {lin.group: lin.d_in for lin in shape.linears[index]}.values()
+        grams = 2.0 * sum(w * w if full else w for w in widths)
         flops["statistics passes"] += len(recipe.stages) * cal_tokens * (per_token + grams)
         flops["stream advances"] += len(keys - reused) * cal_tokens * per_token
         if versions:

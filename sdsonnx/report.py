@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: a stage's and a module's `error` may be null (runs without X X^T)
 REPORT_FILE = "report.json"
 
 
@@ -21,7 +21,8 @@ class StageRecord:
 
     stage: str  # the stage kind: prune | redense | second_prune
     sparsity: float  # share of exact zeros in the stage's output weight
-    error: float  # ||W_dense X - W X||^2 / ||W_dense X||^2 on the stage's input statistics
+    error: float | None  # ||W_dense X - W X||^2 / ||W_dense X||^2 on the stage's input statistics; None when the
+    # run collected no X X^T (a recipe of Wanda / magnitude prunes alone, stats.needs_gram; report_version 2)
     seconds: float  # time of the stage function on this Linear (a solver's own "seconds" detail replaces it)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -45,7 +46,7 @@ class ModuleRecord:
     numel: int
     stages: list[StageRecord] = field(default_factory=list)
     sparsity: float | None = None  # the last stage's (the saved weight's) sparsity
-    error: float | None = None  # the last stage's error
+    error: float | None = None  # the last stage's error (None where the stages have none)
     permutation: dict[str, Any] | None = None  # channel permutation folded into it (prune.permute: mlp), else None
 
     def finish(self) -> None:

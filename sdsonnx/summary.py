@@ -25,8 +25,9 @@ def run_summary(report: dict) -> str:
     for kind, recs in groups.items():
         numel = sum(r["numel"] for r in recs)
         sparsity = sum(r["sparsity"] * r["numel"] for r in recs) / numel
-        error = sum(r["error"] for r in recs) / len(recs)
-        rows.append([kind, len(recs), recs[0]["pattern"], f"{sparsity:.4f}", f"{error:.4g}"])
+        errors = [r["error"] for r in recs if r.get("error") is not None]  # null: the run collected no X X^T
+        error = f"{sum(errors) / len(errors):.4g}" if errors else "-"
+        rows.append([kind, len(recs), recs[0]["pattern"], f"{sparsity:.4f}", error])
     text = table(rows, ["module", "count", "pattern", "sparsity", "mean rel. error"])
     ppl = report.get("perplexity", {})
     if ppl:

@@ -48,7 +48,7 @@ def test_round_trip_through_the_file(tmp_path):
     report = sample_report()
     write_report(report, tmp_path)
     back = read_report(tmp_path)
-    assert back == report and back.report_version == REPORT_VERSION == 1
+    assert back == report and back.report_version == REPORT_VERSION == 2
     data = json.loads((tmp_path / "report.json").read_text())
     assert list(data)[0] == "report_version"
     assert data["modules"]["model.layers.1.mlp.up_proj"]["stages"][1] == {
