@@ -147,3 +147,30 @@ def test_plan_counts_squared_norms_and_no_error_records_without_the_gram():
     grams_lean, grams_full = 2.0 * (3 * d + f), 2.0 * (3 * d * d + f * f)  # per token
     assert full.flops_per_block["statistics passes"] - lean.flops_per_block["statistics passes"] == pytest.approx(
         tokens * (grams_full - grams_lean))
+
+
+@pytest.mark.parametrize("stage", [WANDA, GPT])
+def test_row_split_path_records_errors_only_with_the_gram(stage, tmp_path):
+    """pipeline._stage_on_rows (a RankGroup; here one gloo rank): the same weights as without a group, and an
+    error only where the run collects X X^T."""
+    import torch.distributed as dist
+
+    from sdsonnx.distributed import RankGroup
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny("llama")
+        result = pipeline.prune_model(model, recipe([stage]), calibration(), progress=False, group=RankGroup(0, 1))
+    finally:
+        dist.destroy_process_group()
+    plain = tiny("llama")
+    expected = pipeline.prune_model(plain, recipe([stage]), calibration(), progress=False)
+    for (name, a), (_, b) in zip(model.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(a, b), name
+    for name, rec in result.modules.items():
+        if stage is WANDA:
+            assert rec.error is None and expected.modules[name].error is None
+        else:
+            assert rec.error == pytest.approx(expected.modules[name].error, rel=1e-5)
