@@ -189,8 +189,23 @@ class SecondPruneStage(_Strict):
     tol: float = Field(1e-6, ge=0)
     precondition: bool = Field(True, description="Steps in input-scaled coordinates, mask by |W_ij| sqrt(H_jj); "
                                                  "false: plain steps, mask by |W_ij| (sds/adjust.py).")
+    adjust_solver: Literal["soft_mask", "admm"] = Field(
+        "soft_mask", description="soft_mask: the paper's projected gradient (max_iter, precondition); admm: ADMM "
+                                 "on R with one Cholesky per rho (Boza 2024, sds/admm.py; admm_iterations, "
+                                 "admm_reselect).")
+    admm_iterations: int = Field(50, gt=0, description="ADMM steps (adjust_solver: admm).")
+    admm_reselect: int = Field(30, ge=0, description="ADMM: the first this many steps re-select the mask within the "
+                                                     "pattern (rho growing), then it is fixed; 0: the second prune's "
+                                                     "mask throughout.")
     data: DataMode = Field("self", description=_DATA_HELP)
     calibration_part: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _admm_reselect_within_iterations(self):
+        if self.admm_reselect > self.admm_iterations:
+            raise ValueError(f"admm_reselect={self.admm_reselect} (default 30) exceeds admm_iterations="
+                             f"{self.admm_iterations}: set admm_reselect <= admm_iterations")
+        return self
 
 
 Stage = Annotated[Union[PruneStage, RedenseStage, SecondPruneStage], Field(discriminator="kind")]

@@ -56,7 +56,9 @@ def second_prune_stage(stage: SecondPruneStage, w: torch.Tensor, ctx: ModuleCont
     first = ctx.first_prune
     return second_prune(first.method, ctx.dense, w, ctx.first_pruned, ctx.stats, ctx.pattern, adjust=stage.adjust,
                         max_iter=stage.max_iter, tol=stage.tol, early_exit=stage.early_exit,
-                        precondition=stage.precondition, options=first.options, group=ctx.group)
+                        precondition=stage.precondition, options=first.options, group=ctx.group,
+                        solver=stage.adjust_solver, admm_iterations=stage.admm_iterations,
+                        admm_reselect=stage.admm_reselect)
 
 
 STAGES: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {

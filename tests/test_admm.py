@@ -91,7 +91,7 @@ def test_admm_converges_to_the_exact_solution_and_keeps_the_mask(spec):
     start = w * mask
     exact = masked_least_squares(w, mask, h)
     r_exact = reconstruction_loss(exact, w, h)
-    z, info = admm_reconstruct(w, start, h, iterations=100)
+    z, info = admm_reconstruct(w, start, h, iterations=100, rho=0.3)
     assert torch.equal(z != 0, mask) and not bool(torch.signbit(z[~mask]).any())  # +0.0 off the mask
     if pattern.is_nm:
         assert nm_violations(z, 2, 4).shape[0] == 0
@@ -99,10 +99,10 @@ def test_admm_converges_to_the_exact_solution_and_keeps_the_mask(spec):
     assert info["loss_after"] == pytest.approx(r, rel=1e-5)
     assert info["loss_before"] == pytest.approx(reconstruction_loss(start, w, h), rel=1e-5)
     assert r_exact <= r <= r_exact * (1 + 1e-5)
-    assert float((z - exact).abs().max()) <= 1e-3 * float(exact.abs().max())
-    assert info["factorisations"] == 34  # rho x 1.3 every 3 steps: ceil(100 / 3)
+    assert float((z - exact).abs().max()) <= 1e-5  # weights ~ N(0, 1): float32 rounding
+    assert info["factorisations"] == 1 and info["rho_final"] == 0.3  # a fixed mask: rho is constant
     # fewer steps: further from the optimum, but never off the mask
-    z10, _ = admm_reconstruct(w, start, h, iterations=10)
+    z10, _ = admm_reconstruct(w, start, h, iterations=10, rho=0.3)
     assert torch.equal(z10 != 0, mask) and reconstruction_loss(z10, w, h) > r
 
 
@@ -127,6 +127,7 @@ def test_admm_reselection_stays_within_the_pattern(spec, per_row):
     start = w * select_mask(w.abs(), pattern, per_row=per_row)  # a poor mask: re-selection should move it
     z, info = admm_reconstruct(w, start, h, iterations=40, pattern=pattern, reselect_iterations=20, per_row=per_row)
     assert info["mask_changes"] > 0
+    assert info["factorisations"] == 7 and info["rho_final"] == pytest.approx(0.1 * 1.3 ** 6)  # grows while re-selecting
     kept = z != 0
     if pattern.is_nm:
         assert nm_violations(z, 2, 4).shape[0] == 0
@@ -208,7 +209,7 @@ def test_recipe_fields_and_a_tiny_pipeline_run():
                                         {"kind": "redense", "max_iter": 10}, {"kind": "second_prune", **second}]})
 
     default = recipe({}).stages[2]
-    assert (default.adjust_solver, default.admm_iterations, default.admm_reselect) == ("soft_mask", 50, 0)
+    assert (default.adjust_solver, default.admm_iterations, default.admm_reselect) == ("soft_mask", 50, 30)
     with pytest.raises(RecipeError):
         recipe({"adjust_solver": "admm", "admm_iterations": 5, "admm_reselect": 6})
     model = tiny("llama")

@@ -15,8 +15,11 @@ d_in products per step (Boza's scheme, his Jacobi scaling included):
     U  <- U + V - Z                                        (the scaled dual; rescaled by rho_old / rho_new)
 
 and returns Z. With `reselect_iterations` > 0 the first steps project onto the pattern instead of the fixed mask
-(the largest |Z_ij| sqrt(H_jj) kept, as the soft-mask adjustment re-selects), Boza's mask selection at the final
-sparsity without his gradual schedule; the mask is fixed from then on. `damp` adds damp * mean(diag H) to H's
+(the largest |Z_ij| sqrt(H_jj) kept, as the soft-mask adjustment re-selects) while rho grows, Boza's mask
+selection at the final sparsity without his gradual schedule; the mask and rho are fixed from then on, and the
+remaining steps solve the fixed mask's convex problem. Measured on SmolLM2-135M layers (docs/DESIGN.md): 50
+steps, 30 re-selecting, end 15% below the soft-mask adjustment's R (11% on held-out calibration text); a fixed
+mask ends 0.2% below it (the soft mask's own re-selection is worth as much as the exact solve). `damp` adds damp * mean(diag H) to H's
 diagonal in the objective (SparseGPT's percdamp: a ridge towards W_ref), for a singular H_SS.
 """
 from __future__ import annotations
@@ -88,9 +91,9 @@ def admm_reconstruct(w_ref: torch.Tensor, w_init: torch.Tensor, h: torch.Tensor,
                      per_row: bool = True, group=None) -> tuple[torch.Tensor, dict]:
     """ADMM for min R(W) over W [d_out, d_in] zero off `mask` (default: W_init != 0), H [d_in, d_in]: module docstring.
 
-    rho (relative to the unit diagonal of the scaled H) is multiplied by rho_growth every rho_every steps, one
-    Cholesky factorisation each. reselect_iterations > 0: the first steps re-select the mask within `pattern`
-    (`per_row` as in soft_mask_adjust; needs pattern). `group` (sdsonnx/distributed.RankGroup): the rows are this
+    rho (relative to the unit diagonal of the scaled H) is multiplied by rho_growth every rho_every steps while the
+    mask is re-selected (the first reselect_iterations steps: within `pattern`, `per_row` as in soft_mask_adjust),
+    so that the mask settles, and constant after: one Cholesky factorisation per rho value (one for a fixed mask). `group` (sdsonnx/distributed.RankGroup): the rows are this
     rank's; the losses, and a matrix-wide re-selection, are the whole matrix's. Returns (float32 Z, info)."""
     if w_ref.dim() != 2 or w_init.shape != w_ref.shape:
         raise ValueError(f"w_ref {tuple(w_ref.shape)} and w_init {tuple(w_init.shape)} must be the same 2-D shape")
@@ -123,7 +126,7 @@ def admm_reconstruct(w_ref: torch.Tensor, w_init: torch.Tensor, h: torch.Tensor,
     u = torch.zeros_like(z)
     inverse, factorisations, current, changes = None, 0, rho, 0
     for it in range(iterations):
-        new_rho = rho * rho_growth ** (it // rho_every)
+        new_rho = rho * rho_growth ** (min(it, reselect_iterations) // rho_every)
         if inverse is None or new_rho != current:
             u.mul_(current / new_rho)  # the scaled dual U = Y / rho follows rho
             current = new_rho
