@@ -51,9 +51,7 @@ def second_prune(method: str, w_dense: torch.Tensor, w_redense: torch.Tensor, w_
             w_adj, adj = soft_mask_adjust(w_ref, w_second, h, pattern, max_iter=max_iter, tol=tol, per_row=per_row,
                                           precondition=precondition, group=group)
         info.update(loss_adjusted=adj["loss_after"], adjust_iterations=adj["iterations"],
-                    mask_changes=adj.get("mask_changes", 0), adjust_per_row=per_row)
-        if solver == "admm":
-            info["adjust_solver"] = "admm"
+                    mask_changes=adj.get("mask_changes", 0), adjust_per_row=per_row, adjust_solver=solver)
         if adj["loss_after"] < min(r_first, r_second):
             return w_adj, {**info, "kept": "adjusted"}
     if r_second < r_first:
