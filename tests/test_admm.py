@@ -178,6 +178,30 @@ def test_admm_on_row_split_ranks_equals_one_process(world, spec, per_row):
     assert all(p[1]["loss_after"] == pytest.approx(info["loss_after"], rel=1e-5) for p in parts)
 
 
+@pytest.mark.parametrize("world, spec", [(2, "2:4"), (3, "0.5")])
+def test_second_prune_with_admm_on_row_split_ranks_equals_one_process(world, spec):
+    import test_distributed as dist_tests
+    from sdsonnx.sds.second_prune import second_prune
+    from sdsonnx.stats import LayerStats
+
+    pattern = Pattern.parse(spec)
+    w, h = _problem(12, 32, seed=9)
+    stats = LayerStats(32, xtx=h * 256, sq_norm=torch.diagonal(h) * 256, count=256)
+    first = w * select_mask(w.abs(), pattern)
+    noisy = w + 0.3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
+
+    def solve(rows, group):
+        return second_prune("sparsegpt", w[rows], noisy[rows], first[rows], stats, pattern, solver="admm",
+                            admm_iterations=30, admm_reselect=10, group=group)
+
+    one, info = solve(slice(None), None)
+    parts = dist_tests.on_threads(world, lambda g: solve(g.row_slice(w.shape[0]), g))
+    two = torch.cat([p[0] for p in parts])
+    assert torch.equal(one != 0, two != 0) and float((one - two).abs().max()) <= 1e-5
+    assert all(p[1]["kept"] == info["kept"] == "adjusted" for p in parts)
+    assert all(p[1]["loss_adjusted"] == pytest.approx(info["loss_adjusted"], rel=1e-5) for p in parts)
+
+
 def test_second_prune_with_admm_is_never_worse_and_reports_it():
     from sdsonnx.sds.second_prune import second_prune
     from sdsonnx.stats import LayerStats
