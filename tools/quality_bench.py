@@ -58,6 +58,8 @@ SDS_VARIANTS = {
     "rd200": ({"max_iter": 200}, {}, {}),  # 4x the re-dense iteration budget
     "plain": ({}, {"precondition": False, "max_iter": 100}, {}),  # adjustment as the paper writes it: mask by |W|
     "sgd": ({"solver": "sgd", "epochs": 10}, {}, {}),  # the paper's minibatch solver (10 of its 200 epochs)
+    "admm": ({}, {"adjust_solver": "admm"}, {}),  # ADMM adjustment: 30 mask re-selecting + 20 exact steps (issue 16)
+    "admm0": ({}, {"adjust_solver": "admm", "admm_reselect": 0}, {}),  # ADMM on the second prune's fixed mask
 }
 
 
