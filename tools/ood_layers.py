@@ -460,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep the per-domain H in")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    parser.add_argument("--note", default=None, help="free text stored in the JSON (e.g. where a run came from)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -476,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.model, args.runs, domains, args.windows, args.calibration_seed, pairs, args.drift, args.cache)
     result["commit"] = _git_commit()
     result["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    if args.note:
+        result["note"] = args.note
     print(format_summary(result))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
