@@ -157,9 +157,9 @@ def test_table_has_the_ood_column_and_old_records_show_a_dash():
     lines = quality_bench.markdown_table(records).splitlines()
     assert lines[0].startswith("| method | pattern | variant | perplexity | vs base | OOD perplexity | OOD vs base |")
     assert lines[2].startswith("| sparsegpt | 2:4 | uniform | 50.00 | - | 80.00 | - | - | 100 |")
-    assert lines[3].startswith("| sds-sparsegpt | 2:4 | sd | 40.00 | -20.0% | 72.00 | -10.0% | - | 100 | 1.00x |")
+    assert lines[3].startswith("| sds-sparsegpt | 2:4 | sd (soft_mask) | 40.00 | -20.0% | 72.00 | -10.0% | - | 100 | 1.00x |")
     assert lines[4].startswith("| wanda | 2:4 | uniform | 100.00 | - | - | - | - |")
-    assert lines[5].startswith("| sds-wanda | 2:4 | sd | 50.00 | -50.0% | 90.00 | - | - |")  # base has none
+    assert lines[5].startswith("| sds-wanda | 2:4 | sd (soft_mask) | 50.00 | -50.0% | 90.00 | - | - |")  # base has none
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
@@ -180,10 +180,10 @@ def test_runs_under_load_are_marked_and_get_no_time_ratio():
     loaded_base = {**base, "load_average": [1.0, 3.5], "cpus": 2}  # 3.5 > 1.5 x 2 cores
     lines = quality_bench.markdown_table([loaded_base, sds]).splitlines()
     assert lines[2].startswith("| sparsegpt | 2:4 | uniform | 50.00 | - | 80.00 | - | - | 100* | - | - | 50* | - |")
-    assert lines[3].startswith("| sds-sparsegpt | 2:4 | sd | 40.00 | -20.0% | 72.00 | -10.0% | - | 100 | - | - | 50 | - |")
+    assert lines[3].startswith("| sds-sparsegpt | 2:4 | sd (soft_mask) | 40.00 | -20.0% | 72.00 | -10.0% | - | 100 | - | - | 50 | - |")
     quiet_base = {**base, "load_average": [3.0, 2.9], "cpus": 2}  # at most 1.5 x 2: quiet
     assert quality_bench.markdown_table([quiet_base, sds]).splitlines()[3].startswith(
-        "| sds-sparsegpt | 2:4 | sd | 40.00 | -20.0% | 72.00 | -10.0% | - | 100 | 1.00x | - | 50 | 1.00x |")
+        "| sds-sparsegpt | 2:4 | sd (soft_mask) | 40.00 | -20.0% | 72.00 | -10.0% | - | 100 | 1.00x | - | 50 | 1.00x |")
 
 
 def _seeded(record: dict, seed: int, permute: str = "none") -> dict:
@@ -221,3 +221,24 @@ def test_seed_spread_table_is_mean_range_and_relative_spread():
     assert lines[2] == "| sparsegpt:2:4 | 0,1,2 | 52.00 | 50.00-54.00 | 7.7% | 90.00 | 80.00-100.00 | 22.2% |"
     assert len(lines) == 3  # wanda ran at one seed only: no row
     assert quality_bench.seed_spread_table(records[:1]) == ""
+
+
+def test_rows_name_their_adjustment_solver_and_seed_spreads_do_not_mix_them():
+    report = {"modules": {"a": {"stages": [{"stage": "prune"}, {"stage": "second_prune", "adjust_solver": "admm"}]},
+                          "b": {"stages": [{"stage": "prune"}, {"stage": "second_prune", "adjust_solver": "admm"}]}}}
+    assert quality_bench.adjust_solver(report) == "admm"
+    assert quality_bench.adjust_solver({"modules": {"a": {"stages": [{"stage": "prune"}]}}}) is None
+    report["modules"]["b"]["stages"][1]["adjust_solver"] = "soft_mask"
+    with pytest.raises(ValueError, match="several adjustment solvers"):
+        quality_bench.adjust_solver(report)
+    base = _record("sparsegpt", "2:4", 50.0, 80.0)
+    old = [_seeded(_record("sds-sparsegpt", "2:4", 40.0, 72.0, "sd"), seed) for seed in (0, 1)]  # before the field
+    new = [{**_seeded(_record("sds-sparsegpt", "2:4", 30.0 + seed, 60.0, "sd"), seed), "adjust_solver": "admm"}
+           for seed in (0, 1)]
+    table = quality_bench.markdown_table([base, *old, *new])
+    assert "| sds-sparsegpt | 2:4 | sd (soft_mask) @1 |" in table and "| sds-sparsegpt | 2:4 | sd (admm) @1 |" in table
+    assert "| sds-sparsegpt | 2:4 | admm |" in quality_bench.markdown_table([base, _record("sds-sparsegpt", "2:4", 40.0,
+                                                                                           72.0, "admm")])
+    spread = quality_bench.seed_spread_table([base, *old, *new]).splitlines()
+    assert "| sds-sparsegpt:2:4 (soft_mask) | 0,1 | 40.00 |" in spread[2]
+    assert spread[3].startswith("| sds-sparsegpt:2:4 (admm) | 0,1 | 30.50 | 30.00-31.00 |")

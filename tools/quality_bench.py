@@ -59,6 +59,7 @@ SDS_VARIANTS = {
     "plain": ({}, {"precondition": False, "max_iter": 100}, {}),  # adjustment as the paper writes it: mask by |W|
     "sgd": ({"solver": "sgd", "epochs": 10}, {}, {}),  # the paper's minibatch solver (10 of its 200 epochs)
     "admm": ({}, {"adjust_solver": "admm"}, {}),  # ADMM adjustment: 30 mask re-selecting + 20 exact steps (issue 16)
+    "softmask": ({}, {"adjust_solver": "soft_mask"}, {}),  # the paper's soft-mask adjustment (the default until issue 16)
     "admm0": ({}, {"adjust_solver": "admm", "admm_reselect": 0}, {}),  # ADMM on the second prune's fixed mask
 }
 
@@ -169,6 +170,7 @@ def run_case(case: str, sdsonnx: str, keep: Path | None = None) -> dict:
         "stage_seconds": {k: v for k, v in report["wall_seconds"].items() if k.startswith("stage_")},
         "peak_rss_mib": round(report["peak_rss_bytes"] / 2**20),
         "second_prune_kept": kept_counts(report),
+        "adjust_solver": adjust_solver(report),
         "load_average": load,  # 1-minute load at the start and the end: times taken under load are not costs
         "cpus": os.cpu_count(),
         "git_commit": commit,
@@ -184,6 +186,16 @@ def kept_counts(report: dict) -> dict[str, int]:
         if kept:
             counts[kept] = counts.get(kept, 0) + 1
     return counts
+
+
+def adjust_solver(report: dict) -> str | None:
+    """The second prune's adjustment solver ("soft_mask" / "admm") as report.json records it; None for runs
+    without an adjustment (one-shot, dense, or adjust: false)."""
+    solvers = {stage.get("adjust_solver") for module in report.get("modules", {}).values()
+               for stage in module["stages"] if stage.get("stage") == "second_prune"} - {None}
+    if len(solvers) > 1:
+        raise ValueError(f"one run, several adjustment solvers: {sorted(solvers)}")
+    return solvers.pop() if solvers else None
 
 
 def dense_command(sdsonnx: str) -> list[str]:
@@ -255,19 +267,32 @@ def markdown_table(records: list[dict]) -> str:
         step_eval = r.get("step_eval_seconds")
         lean = f"{(r['wall_seconds'] - step_eval) / base['wall_seconds']:.2f}x" if base and step_eval else "-"
         prune = f"{r['prune_seconds'] / base['prune_seconds']:.2f}x" if base and base["prune_seconds"] else "-"
-        variant = (r["variant"] or r["profile"]) + (f" @{_seed(r)}" if _seed(r) else "")
+        solver = row_solver(r)
+        variant = ((r["variant"] or r["profile"]) + (f" ({solver})" if solver and solver not in r["variant"] else "")
+                   + (f" @{_seed(r)}" if _seed(r) else ""))
         rows.append(f"| {r['method']} | {r['pattern']} | {variant} | {r['perplexity']:.2f} | "
                     f"{change} | {ood_cell} | {ood_change} | {steps} | {r['wall_seconds']:.0f}{mark} | {wall} | {lean} | "
                     f"{r['prune_seconds']:.0f}{mark} | {prune} | {r['peak_rss_mib']} | {r['git_commit']} |")
     return "\n".join(rows)
 
 
+def row_solver(record: dict) -> str | None:
+    """A record's adjustment solver: `adjust_solver` where kept; records before it was kept all ran before admm
+    became the default (issue 16), so an SDS record without it used soft_mask unless its variant asked for admm."""
+    if "adjust_solver" in record:
+        return record["adjust_solver"]
+    if not record["method"].startswith("sds-"):
+        return None
+    return "admm" if record["variant"].startswith("admm") else "soft_mask"
+
+
 def seed_spread_table(records: list[dict]) -> str:
     """Cases run at several calibration seeds: mean, range and spread ((max - min) / mean) of both perplexities,
     so a difference between cases is read against what the sampling alone moves."""
     groups: dict[str, list[dict]] = {}
-    for r in records:
-        groups.setdefault(split_seed(r["case"])[0], []).append(r)
+    for r in records:  # the same case name before and after the default solver changed are different cases
+        case, solver = split_seed(r["case"])[0], row_solver(r)
+        groups.setdefault(case + (f" ({solver})" if solver and solver not in case else ""), []).append(r)
     rows = ["| case | seeds | perplexity mean | range | spread | OOD mean | OOD range | OOD spread |",
             "|---|---|---|---|---|---|---|---|"]
     for case, group in sorted(groups.items(), key=lambda item: _row_order(item[1][0])):
