@@ -40,8 +40,9 @@ stage with its Gram updates 2 d_in^2 per token, or squared norms 2 d_in without 
 not reused from a statistics pass, plus every evaluated version's pass), of the solvers per Linear (`stage_cost`)
 and of the per-module error records (none without Grams), divided by a measured float32 matmul rate
 (`measure_gflops`; the evaluation passes, which run in the storage dtype on the CPU, by that dtype's rate), plus
-the solvers' work that runs below that rate (SPARSEGPT_LOOP, REDENSE_COST, ADJUST_COST: fitted seconds on this
-project's host, not rescaled to another).
+the solvers' work that runs below that rate (SPARSEGPT_LOOP, REDENSE_COST, ADJUST_COST, ADMM_COST: fitted seconds on
+this project's host, not rescaled to another). second_prune's memory and time follow its adjust_solver (soft_mask or
+admm).
 """
 from __future__ import annotations
 
@@ -91,8 +92,17 @@ OUTPUT_LEAVES = {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "d
 # second one-shot prune and its soft-mask adjustment never hold their buffers at the same time. Each kind: its
 # phases as (H copies, W copies); a stage's work is its largest phase.
 # magnitude's own selection at 50% (matrix-wide) holds 6.03 W (GRAM_FREE_WORK), above the error record's phase.
+# second_prune_admm: second_prune with adjust_solver admm (`work_kind`); its prune phase is the soft-mask one's (the
+# same code up to the adjustment's start: 6.34 H + 0 W at 1024 x 2752 in both). Its ADMM phase peaks in a
+# re-selecting step (SparseGPT's unstructured 50% mask is re-selected matrix-wide: |Z| and top-k's values and indices
+# besides Z, U, V and V_ref Hs; fixed-mask steps alone held 1.6 MB over the prune phase against 47 MB with
+# re-selection at 1024 x 2752), holding Hs and (Hs + rho I)^-1 or its factor besides H: measured (solver_memory.py,
+# 3 steps, 2 re-selecting) at a quarter of LLaMA-7B's FFN shapes, 1024 x 2752 and 2752 x 1024: 3.0 H + 13.15 W,
+# against the soft-mask adjustment's 2.0 H + 14.15 W at the same shapes (whose 7B fit is 2.0 H + 13.3 W); taken as
+# the soft-mask 7B figure + 1.0 H - 0.85 W. At 7B's down_proj: 3.67 GB against 3.37 GB, the stage's (and SDS's) peak.
 SOLVER_WORK = {"sparsegpt": ((5.6, 1.45),), "wanda": ((0.75, 3.75),), "magnitude": ((0.75, 3.75), (0.0, 6.05)),
-               "redense": ((1.0, 6.0),), "second_prune": ((5.1, 2.8), (2.0, 13.3))}
+               "redense": ((1.0, 6.0),), "second_prune": ((5.1, 2.8), (2.0, 13.3)),
+               "second_prune_admm": ((5.1, 2.8), (3.0, 12.3))}
 # A run without Grams (stats.needs_gram false: Wanda / magnitude prunes alone) writes no error record, so its stage
 # holds only the method's own buffers; measured the same way (the stage alone on squared-norm statistics; shapes
 # 4096 x 4096, 8192 x 2048, 2048 x 8192 agree within 0.01 W): wanda 4.04 W at 50% and 2:4; magnitude 6.03 W at 50%,
@@ -108,6 +118,21 @@ SPARSEGPT_LOOP = (1.26e-4, 1.06e-7)  # seconds per column, and per column and ro
 # (W @ H products per iteration, seconds per weight per iteration, fixed products, fixed seconds per d_in^2)
 REDENSE_COST = (1.03, 8.8e-9, 6.0, 1.4e-8)
 ADJUST_COST = (1.09, 2.0e-8, 3.2, 1.5e-8)
+# second_prune's ADMM adjustment (adjust_solver: admm, sds/admm.py), fitted the same way from CPU seconds at one thread
+# (`tools/solver_memory.py --seconds`, process CPU time, so that the host's other load does not count; shapes
+# 1024 x 1024, 512 x 2048, 2048 x 512, 1024 x 512, budgets 20:12, 20:0, 10:0 steps:re-selecting): a step is one
+# (Z - U) rho + V_ref Hs product with (Hs + rho I)^-1 plus ~4e-9 s per weight of elementwise work (3.6e-10 to 5.1e-9
+# over the shapes), a re-selecting step 1.2e-8 s per weight more (its top-k; matrix-wide the same within 10%); fixed:
+# V_ref Hs and the two R(W) of info, 3 products, and ~3e-8 s per weight; one factorisation (Cholesky + inverse)
+# 1.6 d_in^3 FLOPs at the matmul rate at d_in = 4096 (1.14 s at 95 GFLOP/s; 2.2 at 2048 and 2.6 at 1024). Checked
+# at the default budget (50 steps, 30 re-selecting, 11 factorisations): 1024 x 1024 2.11 s measured, 1.98 planned
+# (-6%; -14% re-selected matrix-wide), 512 x 2048 4.99 s, 4.21 planned (-16%, mostly its factorisations at d_in 2048);
+# the 16 fitting points within -3% to -15% (one -28%). At LLaMA-7B shapes (105 GFLOP/s) the second_prune stage plans
+# 1721 s per block with ADMM against 1617 s with the soft-mask adjustment.
+# (W @ H products per step, seconds per weight per re-selecting step, seconds per weight per fixed-mask step, fixed
+# products, FLOPs per d_in^3 of one factorisation, fixed seconds per weight)
+ADMM_COST = (1.0, 1.6e-8, 4.0e-9, 3.0, 1.6, 3.0e-8)
+ADMM_RHO_EVERY = 3  # sds/admm.admm_reconstruct's rho_every: rho grows (a new factorisation) every 3 re-selecting steps
 EARLY_EXIT_SHARE = 0.97  # second_prune early_exit: share of Linears that skip the adjustment (SmolLM2: 203 of 210)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 F32 = 4
@@ -284,10 +309,28 @@ def gram_bytes(linears: tuple[LinearShape, ...], full: bool = True) -> int:
     return F32 * sum(d * d if full else d for d in widths.values())
 
 
+def work_kind(stage) -> str:
+    """SOLVER_WORK's key of a stage: its method for a prune, second_prune_admm for a second prune adjusted by ADMM,
+    else its kind."""
+    if stage.kind == "prune":
+        return stage.method
+    if stage.kind == "second_prune" and stage.adjust and stage.adjust_solver == "admm":
+        return "second_prune_admm"
+    return stage.kind
+
+
+def admm_factorisations(iterations: int, reselect: int, rho_every: int = ADMM_RHO_EVERY) -> int:
+    """Cholesky factorisations of one admm_reconstruct call: one per rho value, rho growing every rho_every of the
+    first `reselect` steps (50 steps, 30 re-selecting: 11; no re-selection: 1)."""
+    if iterations <= 0:
+        return 0
+    return min(iterations - 1, reselect) // rho_every + 1
+
+
 def solver_bytes(recipe: Recipe, linears: tuple[LinearShape, ...]) -> int:
     """Working memory of the most demanding (stage, Linear, phase): SOLVER_WORK float32 copies of H and W
     (GRAM_FREE_WORK where the recipe collects no Gram)."""
-    kinds = [s.method if s.kind == "prune" else s.kind for s in recipe.stages]
+    kinds = [work_kind(s) for s in recipe.stages]
     work = SOLVER_WORK if needs_gram(recipe.stages) else GRAM_FREE_WORK
     worst = 0.0
     for kind in kinds:
@@ -311,7 +354,8 @@ def prune_cost(method: str, d_out: int, d_in: int, blocksize: int = 128) -> tupl
 def stage_cost(recipe: Recipe, index: int, d_out: int, d_in: int) -> tuple[float, float]:
     """(FLOPs, loop seconds) of stage `index` on one Linear [d_out, d_in], with its error record (two W H
     products; none where the recipe collects no Gram); solver iterations at their max_iter (tol rarely stops them
-    early)."""
+    early); second_prune's adjustment by its adjust_solver: soft_mask (ADJUST_COST, max_iter) or admm (ADMM_COST,
+    admm_iterations of which admm_reselect re-select, admm_factorisations)."""
     stage, first = recipe.stages[index], recipe.first_prune
     product = 2.0 * d_out * d_in * d_in  # one W @ H
     record = 2 * product if needs_gram(recipe.stages) else 0.0
@@ -328,7 +372,14 @@ def stage_cost(recipe: Recipe, index: int, d_out: int, d_in: int) -> tuple[float
                 it_seconds * weights * stage.max_iter + fixed_seconds * squares)
     flops, seconds = prune_cost(first.method, d_out, d_in, first.blocksize)
     flops += 2 * product + record  # R of the first and second prune
-    if stage.adjust:
+    if stage.adjust and stage.adjust_solver == "admm":
+        share = 1.0 - EARLY_EXIT_SHARE if stage.early_exit else 1.0
+        steps, reselect = stage.admm_iterations, min(stage.admm_reselect, stage.admm_iterations)
+        it_products, reselect_seconds, step_seconds, fixed_products, factor_flops, fixed_seconds = ADMM_COST
+        flops += share * ((it_products * steps + fixed_products) * product
+                          + factor_flops * admm_factorisations(steps, reselect) * d_in ** 3)
+        seconds += share * (reselect_seconds * reselect + step_seconds * (steps - reselect) + fixed_seconds) * weights
+    elif stage.adjust:
         share = 1.0 - EARLY_EXIT_SHARE if stage.early_exit else 1.0
         it_products, it_seconds, fixed_products, fixed_seconds = ADJUST_COST
         flops += share * (it_products * stage.max_iter + fixed_products) * product

@@ -3,7 +3,8 @@ import pytest
 import torch
 import transformers
 
-from sdsonnx.plan import (ADJUST_COST, BASELINE_BYTES, EARLY_EXIT_SHARE, EVAL_TOKENS, LOGIT_COPIES, REDENSE_COST,
+from sdsonnx.plan import (ADJUST_COST, ADMM_COST, ADMM_RHO_EVERY, BASELINE_BYTES, SOLVER_WORK, admm_factorisations,
+                          work_kind, EARLY_EXIT_SHARE, EVAL_TOKENS, LOGIT_COPIES, REDENSE_COST,
                           SPARSEGPT_LOOP, TEXT_BYTES, TOKENIZE_BYTES_PER_TOKEN, stage_cost,
                           evaluated_versions, format_plan, input_groups, measure_gflops, model_shape, parse_bytes,
                           plan_from_shape, plan_run, stream_keys)
@@ -11,7 +12,9 @@ from sdsonnx.recipe import Recipe
 
 V, D, F, KV, BLOCKS = 20, 8, 12, 4, 2  # tiny LLaMA: vocab, hidden, ffn, k/v width (GQA: 2 heads, 1 kv head)
 PRUNE = {"kind": "prune", "method": "sparsegpt", "sparsity": 0.5}
-SDS = [PRUNE, {"kind": "redense"}, {"kind": "second_prune"}]
+SDS = [PRUNE, {"kind": "redense"}, {"kind": "second_prune", "adjust_solver": "soft_mask"}]
+SDS_ADMM = [PRUNE, {"kind": "redense"}, {"kind": "second_prune", "adjust_solver": "admm", "admm_iterations": 50,
+                                         "admm_reselect": 30}]
 
 
 def tiny_config(tied: bool = False) -> transformers.LlamaConfig:
@@ -188,7 +191,8 @@ def test_plan_run_reads_a_config_folder(tmp_path):
 def test_stage_costs_and_time():
     o, i = 6, 10
     product = 2.0 * o * i * i
-    sds = recipe([PRUNE, {"kind": "redense", "max_iter": 7}, {"kind": "second_prune", "max_iter": 5}])
+    sds = recipe([PRUNE, {"kind": "redense", "max_iter": 7}, {"kind": "second_prune", "max_iter": 5,
+                                                               "adjust_solver": "soft_mask"}])
     gpt_flops = o * i * i + o * i * 128 + 2 * i ** 3
     gpt_seconds = i * (SPARSEGPT_LOOP[0] + SPARSEGPT_LOOP[1] * o)
     assert stage_cost(sds, 0, o, i) == pytest.approx((gpt_flops + 2 * product, gpt_seconds))
@@ -198,7 +202,8 @@ def test_stage_costs_and_time():
     full = stage_cost(sds, 2, o, i)
     assert full == pytest.approx((gpt_flops + 4 * product + (a * 5 + c) * product,
                                   gpt_seconds + b * o * i * 5 + e * i * i))
-    early = recipe([PRUNE, {"kind": "redense"}, {"kind": "second_prune", "max_iter": 5, "early_exit": True}])
+    early = recipe([PRUNE, {"kind": "redense"}, {"kind": "second_prune", "max_iter": 5, "early_exit": True,
+                                                  "adjust_solver": "soft_mask"}])
     skipped = 1.0 - EARLY_EXIT_SHARE
     assert stage_cost(early, 2, o, i)[0] == pytest.approx(gpt_flops + 4 * product + skipped * (a * 5 + c) * product)
     plan = plan_from_shape(model_shape(tiny_config()), sds, gflops=2.0)
@@ -212,6 +217,94 @@ def test_stage_costs_and_time():
     assert plan.seconds_per_block == pytest.approx((sum(flops.values()) - flops["evaluation passes"]) / 2e9
                                                    + flops["evaluation passes"] / 0.5e9 + plan.loop_seconds_per_block)
     assert plan.total_seconds == pytest.approx(BLOCKS * plan.seconds_per_block + 8 * 2.0 * V * D / 0.5e9)
+
+
+def test_admm_factorisations_count_the_solver_own():
+    import inspect
+
+    from sdsonnx.pattern import Pattern
+    from sdsonnx.sds.admm import admm_reconstruct
+
+    assert ADMM_RHO_EVERY == inspect.signature(admm_reconstruct).parameters["rho_every"].default
+    assert admm_factorisations(50, 30) == 11 and admm_factorisations(50, 0) == 1
+    assert admm_factorisations(30, 30) == 10 and admm_factorisations(20, 12) == 5 and admm_factorisations(0, 0) == 0
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=gen)
+    w = torch.randn(4, 8, generator=gen)
+    w_init = w * (torch.arange(8) % 2 == 0)
+    for iterations, reselect in [(50, 30), (50, 0), (7, 7), (10, 3), (4, 2)]:
+        _, info = admm_reconstruct(w, w_init, x.T @ x / 32, iterations=iterations, pattern=Pattern.parse("0.5"),
+                                   reselect_iterations=reselect)
+        assert info["factorisations"] == admm_factorisations(iterations, reselect)
+
+
+def test_second_prune_cost_follows_its_adjust_solver():
+    o, i = 6, 10
+    product = 2.0 * o * i * i
+    gpt_flops = o * i * i + o * i * 128 + 2 * i ** 3
+    gpt_seconds = i * (SPARSEGPT_LOOP[0] + SPARSEGPT_LOOP[1] * o)
+    admm = recipe([PRUNE, {"kind": "redense"}, {"kind": "second_prune", "adjust_solver": "admm",
+                                                "admm_iterations": 50, "admm_reselect": 30, "max_iter": 5}])
+    soft = recipe([PRUNE, {"kind": "redense"}, {"kind": "second_prune", "adjust_solver": "soft_mask",
+                                                "admm_iterations": 50, "admm_reselect": 30, "max_iter": 5}])
+    a, b_re, b_fix, c, f, e = ADMM_COST
+    adjust_flops = (a * 50 + c) * product + f * 11 * i ** 3  # 11 factorisations: rho grows every 3 of 30 steps
+    adjust_seconds = (b_re * 30 + b_fix * 20 + e) * o * i
+    assert stage_cost(admm, 2, o, i) == pytest.approx((gpt_flops + 4 * product + adjust_flops,
+                                                       gpt_seconds + adjust_seconds))
+    a2, b2, c2, e2 = ADJUST_COST
+    assert stage_cost(soft, 2, o, i) == pytest.approx((gpt_flops + 4 * product + (a2 * 5 + c2) * product,
+                                                       gpt_seconds + b2 * o * i * 5 + e2 * i * i))
+    assert stage_cost(admm, 2, o, i) != pytest.approx(stage_cost(soft, 2, o, i))
+    fixed = recipe([PRUNE, {"kind": "redense"}, {"kind": "second_prune", "adjust_solver": "admm",
+                                                 "admm_iterations": 20, "admm_reselect": 0, "early_exit": True}])
+    share = 1.0 - EARLY_EXIT_SHARE
+    assert stage_cost(fixed, 2, o, i) == pytest.approx((
+        gpt_flops + 4 * product + share * ((a * 20 + c) * product + f * 1 * i ** 3),
+        gpt_seconds + share * (b_fix * 20 + e) * o * i))
+    bare = [PRUNE, {"kind": "redense"}, {"kind": "second_prune", "adjust": False, "adjust_solver": "admm"}]
+    assert stage_cost(recipe(bare), 2, o, i) == pytest.approx((gpt_flops + 4 * product, gpt_seconds))
+    # the other stages do not see the solver
+    assert stage_cost(admm, 0, o, i) == stage_cost(soft, 0, o, i) and stage_cost(admm, 1, o, i) == stage_cost(soft, 1, o, i)
+    assert [work_kind(s) for s in admm.stages] == ["sparsegpt", "redense", "second_prune_admm"]
+    assert [work_kind(s) for s in soft.stages] == [work_kind(s) for s in recipe(bare).stages] == [
+        "sparsegpt", "redense", "second_prune"]
+
+
+def test_llama_7b_plan_follows_the_adjust_solver():
+    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                      num_attention_heads=32, vocab_size=32000)
+    shape = model_shape(config)
+    lins = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+    grams = 4 * (3 * 4096**2 + 11008**2)
+    plans = {}
+    for name, stages in (("soft_mask", SDS), ("admm", SDS_ADMM)):
+        plan = plan_from_shape(shape, recipe(stages), gflops=100.0)
+        plans[name] = plan
+        kind = "second_prune" if name == "soft_mask" else "second_prune_admm"
+        worst = max(4 * (h * i * i + w * o * i) for o, i in lins for h, w in SOLVER_WORK[kind] + SOLVER_WORK["sparsegpt"]
+                    + SOLVER_WORK["redense"])
+        assert plan.phases["solver: Grams + working copies"] == grams + int(worst)
+    # the soft-mask figures the plan had before the ADMM solver (docs/BENCHMARKS.md, Scale): down_proj's adjustment
+    assert SOLVER_WORK["second_prune"] == ((5.1, 2.8), (2.0, 13.3))
+    assert plans["soft_mask"].phases["solver: Grams + working copies"] == grams + int(4 * (2.0 * 11008**2
+                                                                                           + 13.3 * 4096 * 11008))
+    # ADMM's adjustment holds one H more (Hs and the inverse besides H) and 1 W less: 3.0 H + 12.3 W on down_proj
+    assert SOLVER_WORK["second_prune_admm"] == ((5.1, 2.8), (3.0, 12.3))
+    assert plans["admm"].phases["solver: Grams + working copies"] == grams + int(4 * (3.0 * 11008**2
+                                                                                      + 12.3 * 4096 * 11008))
+    assert plans["admm"].peak_rss_bytes - plans["soft_mask"].peak_rss_bytes == (
+        int(4 * (3.0 * 11008**2 + 12.3 * 4096 * 11008)) - int(4 * (2.0 * 11008**2 + 13.3 * 4096 * 11008)))
+    soft, admm = recipe(SDS), recipe(SDS_ADMM)
+    flops = sum(stage_cost(admm, 2, o, i)[0] - stage_cost(soft, 2, o, i)[0] for o, i in lins)
+    seconds = sum(stage_cost(admm, 2, o, i)[1] - stage_cost(soft, 2, o, i)[1] for o, i in lins)
+    assert flops != 0 and seconds != 0
+    assert plans["admm"].flops_per_block["solvers"] - plans["soft_mask"].flops_per_block["solvers"] == \
+        pytest.approx(flops)
+    assert plans["admm"].seconds_per_block - plans["soft_mask"].seconds_per_block == pytest.approx(flops / 100e9
+                                                                                                   + seconds)
+    assert plans["admm"].total_seconds - plans["soft_mask"].total_seconds == pytest.approx(32 * (flops / 100e9
+                                                                                                 + seconds))
 
 
 def test_parse_bytes():
