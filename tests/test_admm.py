@@ -233,7 +233,7 @@ def test_recipe_fields_and_a_tiny_pipeline_run():
                                         {"kind": "redense", "max_iter": 10}, {"kind": "second_prune", **second}]})
 
     default = recipe({}).stages[2]
-    assert (default.adjust_solver, default.admm_iterations, default.admm_reselect) == ("soft_mask", 50, 30)
+    assert (default.adjust_solver, default.admm_iterations, default.admm_reselect) == ("admm", 50, 30)
     with pytest.raises(RecipeError):
         recipe({"adjust_solver": "admm", "admm_iterations": 5, "admm_reselect": 6})
     model = tiny("llama")
@@ -246,3 +246,18 @@ def test_recipe_fields_and_a_tiny_pipeline_run():
     for mods in target_linears(model).values():
         for name, m in mods.items():
             assert nm_violations(m.weight.detach(), 2, 4).shape[0] == 0, name
+
+
+def test_admm_damp_is_a_per_input_ridge_and_masked_least_squares_an_isotropic_one():
+    """admm_reconstruct's damp adds damp * diag(H) (damp I in its Jacobi-scaled coordinates); masked_least_squares'
+    adds damp * mean(diag H) I: each converges to the exact optimum of its own damped objective."""
+    w, h = _problem(outliers=True)
+    mask = select_mask(w.abs(), Pattern.parse("2:4"))
+    damp = 0.2
+    z, _ = admm_reconstruct(w, w * mask, h, iterations=400, damp=damp)
+    per_input = masked_least_squares(w, mask, h + damp * torch.diag(torch.diagonal(h)))
+    assert torch.allclose(z, per_input, rtol=1e-3, atol=1e-4)
+    isotropic = masked_least_squares(w, mask, h, damp=damp)
+    assert torch.allclose(isotropic, masked_least_squares(w, mask, h + damp * float(torch.diagonal(h).mean())
+                                                          * torch.eye(h.shape[0])), atol=1e-6)
+    assert not torch.allclose(z, isotropic, rtol=1e-3, atol=1e-4)  # the outlier channels make the two differ

@@ -21,8 +21,10 @@ and returns Z. With `reselect_iterations` > 0 the first steps project onto the p
 selection at the final sparsity without his gradual schedule; the mask and rho are fixed from then on, and the
 remaining steps solve the fixed mask's convex problem. Measured on SmolLM2-135M layers (docs/DESIGN.md): 50
 steps, 30 re-selecting, end 15% below the soft-mask adjustment's R (11% on held-out calibration text); a fixed
-mask ends 0.2% below it (the soft mask's own re-selection is worth as much as the exact solve). `damp` adds damp * mean(diag H) to H's
-diagonal in the objective (SparseGPT's percdamp: a ridge towards W_ref), for a singular H_SS.
+mask ends 0.2% below it (the soft mask's own re-selection is worth as much as the exact solve). `damp` is a ridge
+towards W_ref in the objective (as SparseGPT's percdamp), for a singular H_SS; the two functions scale it
+differently: `masked_least_squares` adds damp * mean(diag H) I, `admm_reconstruct` adds damp I to the Jacobi-scaled
+H (unit diagonal), i.e. damp * diag(H) in the original coordinates (a per-input ridge).
 """
 from __future__ import annotations
 
