@@ -185,14 +185,14 @@ class SecondPruneStage(_Strict):
     early_exit: bool = Field(False, description="Skip the adjustment where the one-shot second prune already beats "
                                                 "the first prune on the layer objective (the paper's shortcut for "
                                                 "models above 3B; on SmolLM2 it costs quality, docs/BENCHMARKS.md).")
-    max_iter: int = Field(50, gt=0, description="Adjustment iterations (projected gradient steps).")
+    max_iter: int = Field(50, gt=0, description="soft_mask adjustment iterations (projected gradient steps).")
     tol: float = Field(1e-6, ge=0)
     precondition: bool = Field(True, description="Steps in input-scaled coordinates, mask by |W_ij| sqrt(H_jj); "
                                                  "false: plain steps, mask by |W_ij| (sds/adjust.py).")
     adjust_solver: Literal["soft_mask", "admm"] = Field(
-        "soft_mask", description="soft_mask: the paper's projected gradient (max_iter, precondition); admm: ADMM "
-                                 "on R with one Cholesky per rho (Boza 2024, sds/admm.py; admm_iterations, "
-                                 "admm_reselect).")
+        "admm", description="admm (default): ADMM on R with one Cholesky per rho (Boza 2024, sds/admm.py; "
+                            "admm_iterations, admm_reselect); soft_mask: the paper's projected gradient (max_iter, "
+                            "precondition).")
     admm_iterations: int = Field(50, gt=0, description="ADMM steps (adjust_solver: admm).")
     admm_reselect: int = Field(30, ge=0, description="ADMM: the first this many steps re-select the mask within the "
                                                      "pattern (rho growing), then it is fixed; 0: the second prune's "
