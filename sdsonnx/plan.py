@@ -372,15 +372,14 @@ def stage_cost(recipe: Recipe, index: int, d_out: int, d_in: int) -> tuple[float
                 it_seconds * weights * stage.max_iter + fixed_seconds * squares)
     flops, seconds = prune_cost(first.method, d_out, d_in, first.blocksize)
     flops += 2 * product + record  # R of the first and second prune
+    share = 1.0 - EARLY_EXIT_SHARE if stage.early_exit else 1.0  # Linears whose adjustment runs
     if stage.adjust and stage.adjust_solver == "admm":
-        share = 1.0 - EARLY_EXIT_SHARE if stage.early_exit else 1.0
         steps, reselect = stage.admm_iterations, min(stage.admm_reselect, stage.admm_iterations)
         it_products, reselect_seconds, step_seconds, fixed_products, factor_flops, fixed_seconds = ADMM_COST
         flops += share * ((it_products * steps + fixed_products) * product
                           + factor_flops * admm_factorisations(steps, reselect) * d_in ** 3)
         seconds += share * (reselect_seconds * reselect + step_seconds * (steps - reselect) + fixed_seconds) * weights
     elif stage.adjust:
-        share = 1.0 - EARLY_EXIT_SHARE if stage.early_exit else 1.0
         it_products, it_seconds, fixed_products, fixed_seconds = ADJUST_COST
         flops += share * (it_products * stage.max_iter + fixed_products) * product
         seconds += share * (it_seconds * weights * stage.max_iter + fixed_seconds * squares)
