@@ -7,6 +7,15 @@ artifact.quantize.quantize_artifact, what `sdsonnx export --quantize` runs), tim
 (sdsonnx.bench.matrix): prefill 128 and 512 at batch 1, decode on a 128-token cache at batch 1 and 8, 2 threads.
 Every record carries speedup_vs_dense_fp32 (ONNX Runtime dense fp32 of the same case / this) and its bound.
 
+`--deepsparse` adds DeepSparse 1.8.0 (end of life; its venv: `make deepsparse`, or --deepsparse-python): for every
+family its fp32 export and, where they exist next to it, NAME-int8-static (QDQ) and NAME-int8-dynamic
+(--ds-formats), compiled and timed in DeepSparse's own process after the in-process engines, interleaved among
+themselves, each checked against ONNX Runtime first (an entry DeepSparse rejects or mis-computes goes to "errors").
+Their records carry deepsparse_speedup_vs_dense_same_format (interleaved in the worker: the issue-15 target
+"sparse INT8 >= 1.3x dense INT8 at 50%") and speedup_base_interleaved false:
+
+    .venv/bin/python tools/speed_bench.py --deepsparse --family dense=/tmp/s25/q/dense-fp32 ...
+
     .venv/bin/python tools/speed_bench.py --family dense=/tmp/h15/q/dense-fp32 \
         --family "sds-sparsegpt 2:4=/tmp/h15/q/sds-sparsegpt_2_4-fp32" --family "sds-sparsegpt 50%=..."
 
@@ -108,6 +117,29 @@ def quantized_copy(fp32: Path, scheme: str) -> Path:
     return out
 
 
+DS_FORMATS = ("fp32", "int8-static", "int8-dynamic")
+
+
+def deepsparse_entries(families: list[str], formats: list[str], skip: list[str]) -> list:
+    """DeepSparse entries: per family MODEL=FP32_EXPORT, each format whose export exists next to the fp32 one
+    (NAME-fp32 -> NAME-FORMAT; none is made here), less those `skip` prefixes (ENGINE:MODEL:FORMAT) name."""
+    from sdsonnx.bench.matrix import Entry
+
+    out = []
+    for spec in families:
+        model, _, folder = spec.partition("=")
+        fp32 = Path(folder)
+        for fmt in (f for f in formats if f):
+            path = fp32 if fmt == "fp32" else fp32.with_name(fp32.name.removesuffix("-fp32") + "-" + fmt)
+            if any(f"deepsparse:{model}:{fmt}".startswith(s) for s in skip):
+                continue
+            if not (path / "sdsonnx.json").is_file():
+                log.warning("deepsparse: no %s export of %s (%s): left out", fmt, model, path)
+                continue
+            out.append(Entry("deepsparse", model, path, fp32))
+    return out
+
+
 def matrix_main(args) -> None:
     """Engines x formats x sparsities in one interleaved run -> --json (default docs/benchmarks/speed.json)."""
     import os
@@ -119,6 +151,14 @@ def matrix_main(args) -> None:
 
     if not args.family:
         raise SystemExit("give --family MODEL=FP32_EXPORT at least for dense")
+    ds_python = None
+    if args.deepsparse:
+        from sdsonnx.bench.deepsparse_env import DeepSparseUnavailable, find_deepsparse_python
+
+        try:
+            ds_python = args.deepsparse_python or find_deepsparse_python()
+        except DeepSparseUnavailable as exc:
+            raise SystemExit(str(exc)) from None
     wanted = []  # (engine, model, format, fp32 export, precision hint)
     for spec in args.family:
         model, _, folder = spec.partition("=")
@@ -130,10 +170,13 @@ def matrix_main(args) -> None:
     entries = [Entry(engine, model, quantized_copy(fp32, fmt), fp32, precision_hint=hint)
                for engine, model, fmt, fp32, hint in wanted
                if not any(f"{engine}:{model}:{fmt}".startswith(skip) for skip in args.skip)]
+    if args.deepsparse:
+        entries += deepsparse_entries(args.family, args.ds_formats.split(","), args.skip)
     print(f"{len(entries)} entries: {[e.key for e in entries]}; load average before: {os.getloadavg()}", flush=True)
     doc = run_matrix(entries, seqs=tuple(int(s) for s in args.seq.split(",")), decode=args.decode,
                      decode_batches=tuple(int(b) for b in args.batches.split(",")), past=128,
-                     threads=args.threads or 2, warmup=args.warmup, reps=args.reps)
+                     threads=args.threads or 2, warmup=args.warmup, reps=args.reps, deepsparse_python=ds_python,
+                     worker_timeout=args.deepsparse_timeout)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     doc["git_commit"] = commit.stdout.strip()
     doc["command"] = ".venv/bin/python tools/speed_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -154,6 +197,21 @@ def matrix_table(doc: dict) -> str:
                     f"{r['tokens_per_s']:.0f} | {r['speedup_vs_dense_fp32']:.2f}x [{r['speedup_p25']:.2f}-"
                     f"{r['speedup_p75']:.2f}] | {r['bound_vs_dense_fp32']:.2f}x | "
                     f"{'-' if skip is None else f'{skip:.2f}x'} | {r.get('loadavg_1m_at_case_start')} |")
+    ds = [r for r in doc["records"] if r["engine"] == "deepsparse"]
+    if ds:
+        rows += ["", "DeepSparse (its own process; vs ORT dense fp32 not interleaved):", "",
+                 "| model | weights | case | ms / forward | vs DeepSparse dense, same weights [IQR] | "
+                 "supported_ops | max abs err vs ORT | top-1 vs ORT | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in ds:
+            case = f"prefill {r['seq']}" if r["phase"] == "prefill" else f"decode b{r['batch']}"
+            rel = r.get("deepsparse_speedup_vs_dense_same_format")
+            rel = "-" if rel is None else (f"{rel:.2f}x [{r['deepsparse_speedup_vs_dense_same_format_p25']:.2f}-"
+                                           f"{r['deepsparse_speedup_vs_dense_same_format_p75']:.2f}]")
+            top1 = r.get("top1_agreement_vs_ort")
+            rows.append(f"| {r['model']} | {r['weight_format']} | {case} | {r['latency_ms']:.1f} | {rel} | "
+                        f"{r.get('supported_ops')} | {r.get('max_abs_err_vs_ort'):.3g} | "
+                        f"{'-' if top1 is None else f'{top1:.3f}'} | {r.get('compile_s'):.1f} |")
+    rows += [f"! {e['engine']} {e['model']} {e['weight_format']} {e['case']}: {e['error']}" for e in doc.get("errors", [])]
     return "\n".join(rows)
 
 
@@ -174,6 +232,14 @@ def main() -> None:
     parser.add_argument("--ov-formats", default=",".join(OV_FORMATS))
     parser.add_argument("--skip", action="append", default=[], help="ENGINE:MODEL:FORMAT entries to leave out")
     parser.add_argument("--no-bf16", action="store_true", help="no OpenVINO dense fp32 entry with the bf16 hint")
+    parser.add_argument("--deepsparse", action="store_true",
+                        help="also time DeepSparse 1.8.0 (own venv, own process) on --ds-formats of every family")
+    parser.add_argument("--ds-formats", default=",".join(DS_FORMATS),
+                        help="DeepSparse weight formats; quantized ones only where NAME-FORMAT exists")
+    parser.add_argument("--deepsparse-python", type=Path, default=None,
+                        help="venv of DeepSparse (default $SDSONNX_DEEPSPARSE_PYTHON or .venv-deepsparse)")
+    parser.add_argument("--deepsparse-timeout", type=float, default=3600.0,
+                        help="seconds one DeepSparse worker (one case: compile + check + time) may run")
     parser.add_argument("--relimit-only", action="store_true",
                         help="Only recompute the speed-up limits of the records in --json (exports must still exist).")
     args = parser.parse_args()

@@ -10,6 +10,17 @@ prefill, the multiply-adds left (1.0: neither engine skips zeros) and, if the ze
 OpenVINO reads the same ONNX files (QDQ and ORT's com.microsoft MatMulNBits included); its CPU plugin runs
 float weights in bf16 on CPUs with avx512_bf16 unless INFERENCE_PRECISION_HINT says f32, so the hint is always
 set and recorded.
+
+DeepSparse 1.8.0 (end of life, kept as a measured reference) is optional: entries with engine "deepsparse" are
+timed in its own venv by deepsparse_worker.py (`run_matrix(..., deepsparse_python=find_deepsparse_python())`; from
+the command line `tools/speed_bench.py --deepsparse`). Per case, all DeepSparse entries are compiled in one worker
+process on copies of the phase graphs made DeepSparse-compatible (deepsparse_compat: rotary MatMul k=1 -> Mul, IR
+<= 9; prefill on graphs.strip_past's graph), each checked against ONNX Runtime's outputs of the same export on the
+same inputs, then timed interleaved among themselves. Their speedup_vs_dense_fp32 divides by the in-process ONNX
+Runtime dense fp32 median of the same case, timed in another process and not interleaved with them
+("speedup_base": "other process"); the ratio that is interleaved is deepsparse_speedup_vs_dense_same_format (the
+DeepSparse dense entry of the same weight format / this entry, per-round quartiles). An entry DeepSparse rejects,
+crashes on or mis-computes is left out of the records and listed in the document's "errors" with the reason.
 """
 from __future__ import annotations
 
@@ -26,12 +37,15 @@ import numpy as np
 
 from .bounds import decode_bytes
 from .core import _phase_graphs, machine_info
+from .deepsparse_env import WORKER_TIMEOUT_S
+from .deepsparse_matrix import time_deepsparse
 from .timing import interleaved_times, paired_speedup, summarize
 from .workload import BenchError, Case, ModelInfo, load_model_info, make_feeds, work_share
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("onnxruntime", "openvino")
+ENGINES = ("onnxruntime", "openvino", "deepsparse")
+IN_PROCESS = ("onnxruntime", "openvino")
 BASE_FORMAT = "fp32"
 
 
@@ -39,7 +53,7 @@ BASE_FORMAT = "fp32"
 class Entry:
     """One timed thing: an engine running an export."""
 
-    engine: str  # onnxruntime | openvino
+    engine: str  # onnxruntime | openvino | deepsparse
     model: str  # what was pruned, e.g. "dense", "sds-sparsegpt 2:4"
     path: Path  # export folder
     family: Path  # the fp32 export with the same zeros: its sparsity and work share are this entry's
@@ -87,6 +101,9 @@ def _check_entries(entries: list[Entry]) -> Entry:
     keys = [e.key for e in entries]
     if len(set(keys)) != len(keys):
         raise BenchError(f"duplicate entries: {sorted(k for k in keys if keys.count(k) > 1)}")
+    unknown = sorted({e.engine for e in entries} - set(ENGINES))
+    if unknown:
+        raise BenchError(f"unknown engine(s) {unknown}: choose from {', '.join(ENGINES)}")
     base = [e for e in entries if e.engine == "onnxruntime" and weight_format(e.path) == BASE_FORMAT
             and e.path == e.family and e.model == "dense"]
     if len(base) != 1:
@@ -96,12 +113,16 @@ def _check_entries(entries: list[Entry]) -> Entry:
 
 
 def time_entries(entries: list[Entry], cases: list[Case], threads: int, warmup: int, reps: int, seed: int,
-                 workdir: Path) -> tuple[dict, dict]:
-    """({case.key: {entry.key: seconds per round}}, {case.key: {entry.key: max |logits - ORT logits|}})."""
+                 workdir: Path, deepsparse_python: Path | None = None,
+                 worker_timeout: float = WORKER_TIMEOUT_S) -> tuple[dict, dict, dict | None]:
+    """({case.key: {entry.key: seconds per round}}, {case.key: {entry.key: max |logits - ORT logits|}}, DeepSparse's
+    part: time_deepsparse's document, None without DeepSparse entries). In-process engines first, then DeepSparse."""
     labels = {p: f"m{i}" for i, p in enumerate(dict.fromkeys(e.path for e in entries))}
     infos = {p: load_model_info(p, p.name) for p in labels}
     graphs = _phase_graphs({labels[p]: infos[p] for p in labels}, workdir)
     first = infos[entries[0].path]
+    ds_entries = [e for e in entries if e.engine == "deepsparse"]
+    entries = [e for e in entries if e.engine in IN_PROCESS]
     core = None
     if any(e.engine == "openvino" for e in entries):
         import openvino as ov
@@ -126,7 +147,15 @@ def time_entries(entries: list[Entry], cases: list[Case], threads: int, warmup: 
                                                 case.steps, warmup, reps)
         runners.clear()
         gc.collect()
-    return times, diffs
+    if not ds_entries:
+        return times, diffs, None
+    if deepsparse_python is None:
+        raise BenchError("DeepSparse entries need deepsparse_python (deepsparse_env.find_deepsparse_python())")
+    ds = time_deepsparse(ds_entries, cases, graphs, labels, lambda case: make_feeds(first, case, seed),
+                         deepsparse_python, threads, warmup, reps, workdir, worker_timeout, weight_format)
+    for key, ds_times in ds["times"].items():
+        times.setdefault(key, {}).update(ds_times)
+    return times, diffs, ds
 
 
 def _bounds(entry: Entry, case: Case, family: ModelInfo, base_bytes: float) -> dict:
@@ -143,8 +172,14 @@ def _bounds(entry: Entry, case: Case, family: ModelInfo, base_bytes: float) -> d
             "bound_if_zeros_skipped": share.get("limit_amdahl", 1.0), **share}
 
 
-def records(entries: list[Entry], cases: list[Case], times: dict, diffs: dict) -> list[dict]:
-    """One flat record per (entry, case) with speedup_vs_dense_fp32 and its bound."""
+def records(entries: list[Entry], cases: list[Case], times: dict, diffs: dict, ds_checks: dict | None = None
+            ) -> list[dict]:
+    """One flat record per (entry, case) timed, with speedup_vs_dense_fp32 and its bound.
+
+    DeepSparse entries (timed in their worker, apart from the base): speedup_vs_dense_fp32 = ORT base median / this
+    median, its quartiles those of base median / this entry's rounds, speedup_base_interleaved False, and
+    deepsparse_speedup_vs_dense_same_format (paired, interleaved in the worker) when the DeepSparse dense entry of the
+    same weight format was timed. ds_checks: {case: {entry: {compile_s, max_abs_err, top1, supported_ops, ...}}}."""
     base = _check_entries(entries)
     families = {p: load_model_info(p, p.name) for p in {e.family for e in entries}}
     base_bytes = decode_bytes(base.path)["bytes"]
@@ -154,10 +189,17 @@ def records(entries: list[Entry], cases: list[Case], times: dict, diffs: dict) -
             continue
         base_times = times[case.key][base.key]
         for e in entries:
-            t = times[case.key][e.key]
+            t = times[case.key].get(e.key)
+            if t is None:  # failed (DeepSparse): in the document's errors
+                continue
             stats = summarize(t)
             family = families[e.family]
-            ratio = paired_speedup(base_times, t)
+            extra = {"speedup_base_interleaved": e.engine != "deepsparse"}
+            if e.engine == "deepsparse":
+                ratio = apart_speedup(base_times, t)
+                extra.update(_deepsparse_fields(e, entries, times[case.key], (ds_checks or {}).get(case.key, {})))
+            else:
+                ratio = paired_speedup(base_times, t)
             rows.append({"engine": e.engine, "model": e.model, "weight_format": weight_format(e.path),
                          "precision_hint": e.precision_hint, "sparsity": family.sparsity, "pattern": family.pattern,
                          "phase": case.phase, "batch": case.batch, "seq": case.seq, "past": case.past,
@@ -168,8 +210,34 @@ def records(entries: list[Entry], cases: list[Case], times: dict, diffs: dict) -
                          "speedup_p75": ratio["speedup_p75"],
                          "max_abs_logit_diff_vs_ort": diffs.get(case.key, {}).get(e.key),
                          "loadavg_1m_at_case_start": diffs.get(case.key, {}).get("loadavg_1m"),
-                         **_bounds(e, case, family, base_bytes), "path": str(e.path)})
+                         **_bounds(e, case, family, base_bytes), **extra, "path": str(e.path)})
     return rows
+
+
+def apart_speedup(base: list[float], times: list[float]) -> dict[str, float]:
+    """median(base) / median(times), quartiles of median(base) / t_i: base and times were not timed round by round."""
+    ratios = np.median(base) / np.asarray(times, dtype=np.float64)
+    q25, q75 = np.percentile(ratios, [25, 75])
+    return {"speedup": float(np.median(base) / np.median(times)), "speedup_p25": float(q25),
+            "speedup_p75": float(q75)}
+
+
+def _deepsparse_fields(entry: Entry, entries: list[Entry], case_times: dict, checks: dict) -> dict:
+    """Check results and the in-worker ratio to the DeepSparse dense entry of the same weight format."""
+    check = checks.get(entry.key, {})
+    fmt = weight_format(entry.path)
+    dense = next((e for e in entries if e.engine == "deepsparse" and e.model == "dense"
+                  and weight_format(e.path) == fmt and e.key in case_times), None)
+    out = {"compile_s": check.get("compile_s"), "supported_ops": check.get("supported_ops"),
+           "max_abs_err_vs_ort": check.get("max_abs_err"), "max_abs_ort": check.get("max_ref"),
+           "top1_agreement_vs_ort": check.get("top1"), "deepsparse_dense_same_format": dense and dense.key,
+           "deepsparse_speedup_vs_dense_same_format": None}
+    if dense is not None:
+        pair = paired_speedup(case_times[dense.key], case_times[entry.key])
+        out.update({"deepsparse_speedup_vs_dense_same_format": pair["speedup"],
+                    "deepsparse_speedup_vs_dense_same_format_p25": pair["speedup_p25"],
+                    "deepsparse_speedup_vs_dense_same_format_p75": pair["speedup_p75"]})
+    return out
 
 
 def matrix_cases(info: ModelInfo, seqs: tuple[int, ...], decode: int, decode_batches: tuple[int, ...],
@@ -185,24 +253,38 @@ def matrix_cases(info: ModelInfo, seqs: tuple[int, ...], decode: int, decode_bat
 
 def run_matrix(entries: list[Entry], seqs: tuple[int, ...] = (128, 512), decode: int = 16,
                decode_batches: tuple[int, ...] = (1, 8), past: int = 128, threads: int = 2, warmup: int = 1,
-               reps: int = 5, seed: int = 0) -> dict:
-    """Time every entry on every case, interleaved; returns the speed document (format sdsonnx-speed/2)."""
+               reps: int = 5, seed: int = 0, deepsparse_python: Path | None = None,
+               worker_timeout: float = WORKER_TIMEOUT_S) -> dict:
+    """Time every entry on every case, interleaved; returns the speed document (format sdsonnx-speed/2).
+
+    DeepSparse entries need deepsparse_python (default: deepsparse_env.find_deepsparse_python(), which raises
+    DeepSparseUnavailable); those it cannot run are listed in the document's "errors"."""
     if not entries:
         raise BenchError("no entries to benchmark")
     base = _check_entries(entries)
     cases = matrix_cases(load_model_info(base.path), seqs, decode, decode_batches, past)
     load_before = os.getloadavg()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if any(e.engine == "deepsparse" for e in entries) and deepsparse_python is None:
+        from .deepsparse_env import find_deepsparse_python
+
+        deepsparse_python = find_deepsparse_python()
     with tempfile.TemporaryDirectory(prefix="sdsonnx-matrix-") as tmp:
-        times, diffs = time_entries(entries, cases, threads, warmup, reps, seed, Path(tmp))
+        times, diffs, ds = time_entries(entries, cases, threads, warmup, reps, seed, Path(tmp), deepsparse_python,
+                                        worker_timeout)
     versions = {"onnxruntime": _version("onnxruntime")}
     if any(e.engine == "openvino" for e in entries):
         versions["openvino"] = _version("openvino")
+    if ds is not None:
+        versions["deepsparse"] = {"version": ds["version"], "python": str(deepsparse_python),
+                                  "rewrites": ds["rewrites"], "timed": "in its own process, after the in-process "
+                                  "engines; speedup_vs_dense_fp32 is not interleaved with its base"}
     return {"format": "sdsonnx-speed/2", "created": started,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(threads),
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()], "warmup": warmup, "reps": reps, "seed": seed,
-            "engines": versions, "cases": [c.key for c in cases], "records": records(entries, cases, times, diffs)}
+            "engines": versions, "cases": [c.key for c in cases],
+            "records": records(entries, cases, times, diffs, ds and ds["checks"]), "errors": ds["errors"] if ds else []}
 
 
 def _version(name: str) -> str | None:
