@@ -135,7 +135,8 @@ def collectives_per_block(linears, recipe, iterations: dict[str, int]) -> int:
     """Collective calls of one block on several ranks (each a latency): per Linear and stage, SparseGPT
     unstructured 1 + 5 per 128-column block (4 radix rounds + ties), re-dense 9 + 1 per iteration, second prune
     a SparseGPT + 4, its adjustment (on the Linears not early-exited) 8 per iteration (2 losses, norms, 5
-    selection rounds), one all-gather per Linear and stage, statistics 3 per distinct input per stage."""
+    selection rounds), or with adjust_solver admm 3 per call (2 losses, mask changes) + 5 per re-selecting
+    step (a matrix-wide selection), one all-gather per Linear and stage, statistics 3 per distinct input per stage."""
     from sdsonnx.plan import EARLY_EXIT_SHARE
 
     calls = 0
@@ -145,7 +146,11 @@ def collectives_per_block(linears, recipe, iterations: dict[str, int]) -> int:
         calls += sparsegpt + 1  # prune + record
         calls += 9 + iterations["redense"] + 1
         adjust_share = 1.0 - EARLY_EXIT_SHARE if recipe.stages[2].early_exit else 1.0
-        calls += sparsegpt + 4 + adjust_share * 8 * iterations["adjust"] + 1
+        second = recipe.stages[2]
+        if second.adjust_solver == "admm":
+            calls += sparsegpt + 4 + adjust_share * (3 + 5 * min(second.admm_reselect, second.admm_iterations)) + 1
+        else:
+            calls += sparsegpt + 4 + adjust_share * 8 * iterations["adjust"] + 1
         calls += 3  # all-gathers
     return int(calls + stats)
 
@@ -156,8 +161,8 @@ def project(workers=(1, 8, 64), bandwidth: float = 3.0e9, latency: float = 50e-6
     each worker count (module docstring); memory per rank and bytes moved per block per rank."""
     from transformers import LlamaConfig
 
-    from sdsonnx.plan import (ADJUST_COST, F32, REDENSE_COST, SOLVER_WORK, SPARSEGPT_LOOP, gram_bytes,
-                              model_shape, plan_from_shape)
+    from sdsonnx.plan import (ADJUST_COST, ADMM_COST, F32, REDENSE_COST, SOLVER_WORK, SPARSEGPT_LOOP,
+                              admm_factorisations, gram_bytes, model_shape, plan_from_shape, work_kind)
     from sdsonnx.recipe import load_recipe
 
     recipe = load_recipe(str(ROOT / "recipes" / "llama7b_sds_50.yaml"), {})
@@ -169,8 +174,16 @@ def project(workers=(1, 8, 64), bandwidth: float = 3.0e9, latency: float = 50e-6
         flops = plan.flops_per_block
         serial_flops = 2 * sum(2.0 * lin.d_in ** 3 for lin in lins)  # two SparseGPT calls: factorisations
         per_column = SPARSEGPT_LOOP[0]
-        adjust_share = 1.0 - 0.97 if recipe.stages[2].early_exit else 1.0
-        serial_loop = sum(2 * per_column * lin.d_in + (REDENSE_COST[3] + adjust_share * ADJUST_COST[3]) * lin.d_in ** 2
+        second = recipe.stages[2]
+        adjust_share = 1.0 - 0.97 if second.early_exit else 1.0
+        if second.adjust_solver == "admm":  # every rank factorises the whole H + rho I; its loop is per weight
+            factorisations = admm_factorisations(second.admm_iterations, min(second.admm_reselect,
+                                                                             second.admm_iterations))
+            serial_flops += adjust_share * sum(ADMM_COST[4] * factorisations * lin.d_in ** 3 for lin in lins)
+            adjust_fixed = 0.0
+        else:
+            adjust_fixed = ADJUST_COST[3]
+        serial_loop = sum(2 * per_column * lin.d_in + (REDENSE_COST[3] + adjust_share * adjust_fixed) * lin.d_in ** 2
                           for lin in lins)
         split_flops = flops["statistics passes"] + flops["stream advances"] + flops["solvers"] - serial_flops
         grams = gram_bytes(lins)
@@ -180,7 +193,7 @@ def project(workers=(1, 8, 64), bandwidth: float = 3.0e9, latency: float = 50e-6
         cal = recipe.calibration
         cal_stream = cal.segments * cal.length * shape.hidden * 2  # float16 activations
         eval_stream = plan.evaluation_tokens * shape.hidden * 2
-        squares, wcopies = max(p for k in ("sparsegpt", "redense", "second_prune") for p in SOLVER_WORK[k])
+        work = [p for stage in recipe.stages for p in SOLVER_WORK[work_kind(stage)]]  # (H copies, W copies)
         for w in workers:
             moved = 0 if w == 1 else len(recipe.stages) * (2 * (w - 1) / w * grams + (w - 1) / w * weights)
             comm = 0.0 if w == 1 else moved / bandwidth + calls * 2 * (w - 1) * latency
@@ -188,7 +201,8 @@ def project(workers=(1, 8, 64), bandwidth: float = 3.0e9, latency: float = 50e-6
                        + (plan.loop_seconds_per_block - serial_loop) / w
                        + flops["evaluation passes"] / (eval_gflops * 1e9) / w) + comm)
             memory = (F32 * shape.block_params[0] + (len(recipe.stages) + 1) * weights + grams
-                      + max(F32 * (squares * lin.d_in ** 2 + wcopies * lin.d_out * lin.d_in / w) for lin in lins)
+                      + max(F32 * (squares * lin.d_in ** 2 + wcopies * lin.d_out * lin.d_in / w)
+                            for squares, wcopies in work for lin in lins)
                       + ((plan.calibration_streams + 1) * cal_stream + plan.evaluation_streams * eval_stream) / w)
             rows.append({"model": name, "workers": w, "seconds_per_block": round(seconds, 1),
                          "hours": round(seconds * shape.blocks / 3600, 2), "comm_seconds_per_block": round(comm, 2),
