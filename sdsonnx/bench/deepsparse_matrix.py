@@ -4,7 +4,7 @@ Per case every DeepSparse entry gets a fresh DeepSparse-compatible copy of its p
 Engine rewrites the file it is given) and ONNX Runtime's outputs of the same graph on the same inputs as its
 reference; the worker (deepsparse_worker.py, keep_going) compiles and checks each, then times the survivors
 interleaved. A native crash kills the worker: the model it was compiling (its "progress" file) is recorded as
-failed and the worker is run again without it. A worker past its timeout fails every model left in that case.
+failed and the worker is run again without it (quantized models compile first, so that costs little). A worker past its timeout fails every model left in that case.
 """
 from __future__ import annotations
 
@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 
 FP32_TOL = (5e-3, 1e-3)  # (rtol, atol) as `sdsonnx bench`: max|ds - ort| <= atol + rtol * max|ort|
 QUANT_TOL = (5e-2, 1e-3)  # quantized exports: DeepSparse's INT8 kernels round differently from ONNX Runtime's
+
+
+RISK = ("int8-dynamic", "int8-static")  # compiled first: a native crash then costs no recompile of the others
+
+
+def compile_order(weight_format: str) -> int:
+    """Position of a weight format in a worker's compile order: formats that may crash DeepSparse first."""
+    return RISK.index(weight_format) if weight_format in RISK else len(RISK)
 
 
 def tolerance(weight_format: str) -> tuple[float, float]:
@@ -114,8 +122,11 @@ def time_deepsparse(entries: list, cases: list[Case], graphs: dict, labels: dict
             for e in (e for e in entries if e.path == path):
                 copy = workdir / f"ds-{case.key}-{len(specs)}.onnx"
                 shutil.copyfile(compat[(labels[path], case.phase)], copy)
-                rtol, atol = tolerance(weight_format(path) if weight_format else "fp32")
-                specs.append({"label": e.key, "path": str(copy), "reference": str(ref), "rtol": rtol, "atol": atol})
+                fmt = weight_format(path) if weight_format else "fp32"
+                rtol, atol = tolerance(fmt)
+                specs.append({"label": e.key, "path": str(copy), "reference": str(ref), "rtol": rtol, "atol": atol,
+                              "format": fmt})
+        specs.sort(key=lambda spec: compile_order(spec["format"]))
         job = build_job(specs, inputs, list(feeds), case, threads, warmup, reps, workdir / f"progress-{case.key}")
         log.info("deepsparse %s: compiling, checking and timing %d entries", case.key, len(specs))
         models, errors, version = run_case_jobs(python, job, workdir, case.key, timeout_s)

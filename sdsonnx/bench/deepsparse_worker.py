@@ -91,8 +91,9 @@ def main(job_path: str, result_path: str) -> int:
                                            "supported_ops": getattr(engine, "fraction_of_supported_ops", None)}
         print(f"compiled {spec['label']} in {compile_s:.1f}s, max abs err {err:.3g}", file=sys.stderr, flush=True)
         if not ok and keep_going:
-            result["models"][spec["label"]]["error"] = f"outputs differ from ONNX Runtime: max abs err {err:.3g} " \
-                                                       f"(max |ref| {ref:.3g})"
+            got = result["models"][spec["label"]]
+            got["error"] = (f"outputs differ from ONNX Runtime: max abs err {err:.3g} (max |ref| {ref:.3g}), top-1 "
+                            f"agreement {got['top1']}, supported_ops {got['supported_ops']}")
             continue
         failed = failed or not ok
         engines[spec["label"]] = engine
