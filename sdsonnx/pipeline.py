@@ -70,6 +70,7 @@ class PipelineResult:
     block_sparsity: list[float] | None = None  # OWL profile, when used
     figure_module: str | None = None  # the module whose every version is kept for the weight figure
     figure_versions: list[torch.Tensor] = field(default_factory=list)  # [dense, after stage 1, ...] on CPU
+    residual: dict | None = None  # permute: residual's record (report.json residual_permutation)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -152,6 +153,25 @@ def collect_stats_and_output(block: nn.Module, linears: dict[str, nn.Linear], hi
     return stats, out
 
 
+def dense_pass(blocks: nn.ModuleList, linears: dict[int, dict[str, nn.Linear]], hidden: torch.Tensor,
+               kwargs: list[dict], device: torch.device, weights: InMemoryWeights, visit: Callable, group=None,
+               desc: str = "dense pass") -> None:
+    """One read-only pass of the calibration hidden states [n, L, d] through every block of the dense model:
+    each block's `linears` get their squared input norms (full=False; all-reduced over `group`), then
+    visit(index, block, stats, block_input, block_output) runs with the block loaded in float32 on `device`."""
+    for index, block in enumerate(tqdm(blocks, desc=desc, leave=False)):
+        weights.load(index, block)
+        dtype = next(block.parameters()).dtype
+        block.to(device, torch.float32)
+        stats, out = collect_stats_and_output(block, linears.get(index, {}), hidden, kwargs[index], full=False)
+        if group is not None:
+            group.reduce_stats(stats)
+        visit(index, block, stats, hidden, out)
+        hidden = out
+        block.to("cpu", dtype)
+        weights.release(index, block)
+
+
 def owl_block_sparsity(blocks: nn.ModuleList, targets: dict[int, dict[str, nn.Linear]], hidden: torch.Tensor,
                        kwargs: list[dict], stage: PruneStage, device: torch.device, weights: InMemoryWeights,
                        group=None) -> list[float]:
@@ -160,17 +180,12 @@ def owl_block_sparsity(blocks: nn.ModuleList, targets: dict[int, dict[str, nn.Li
     from .prune.owl import outlier_ratio, owl_sparsities
 
     ratios = []
-    for index, block in enumerate(tqdm(blocks, desc="OWL outlier ratios", leave=False)):
-        weights.load(index, block)
-        dtype = next(block.parameters()).dtype
-        block.to(device, torch.float32)
-        stats, hidden = collect_stats_and_output(block, targets[index], hidden, kwargs[index], full=False)
-        if group is not None:
-            group.reduce_stats(stats)
+
+    def visit(index, block, stats, block_input, block_output):
         scores = [mod.weight.detach().abs() * stats[name].sq_norm.sqrt() for name, mod in targets[index].items()]
         ratios.append(outlier_ratio(scores, stage.owl.threshold_m))
-        block.to("cpu", dtype)
-        weights.release(index, block)
+
+    dense_pass(blocks, targets, hidden, kwargs, device, weights, visit, group, "OWL outlier ratios")
     return owl_sparsities(ratios, stage.sparsity, stage.owl.lam)
 
 
@@ -226,7 +241,7 @@ def version_name(recipe: Recipe, version: int) -> str:
 def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, progress: bool = True,
                 windows: torch.Tensor | None = None, weights: InMemoryWeights | None = None,
                 resume: LoopState | None = None, checkpoint: Callable[[LoopState], None] | None = None,
-                store: StreamStore | None = None, group=None) -> PipelineResult:
+                store: StreamStore | None = None, group=None, residual_file=None) -> PipelineResult:
     """Apply the recipe's stages to `model` block by block; calibration is [parts * n, L] token ids. With
     `windows` [k, W] the perplexities of eval_versions(recipe) are measured on the way (result.perplexity).
     `weights` gives each block its weights and takes its final ones (default: the model holds them all and is
@@ -234,11 +249,13 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
     called with the loop's state after every block; `resume` (such a state) continues from its next block.
     `store` places the streams (RAM up to a memory budget, files beyond it; default: all in RAM). `group`
     (sdsonnx/distributed.RankGroup, several ranks): this rank keeps its slice of every calibration part and of the
-    windows, and its Linears' stage work is split by rows (docs/SCALING.md); every rank gets the perplexities."""
+    windows, and its Linears' stage work is split by rows (docs/SCALING.md); every rank gets the perplexities.
+    `permute: residual`: the residual order is searched in a dense pass first (sdsonnx/residual_step.py) and
+    written to `residual_file` (a Path), or read from it when resuming, and folded into the model as it is pruned."""
     weights = weights or InMemoryWeights()
     store = store or StreamStore()
     device = resolve_device(recipe.device)
-    _, blocks = find_blocks(model)
+    blocks_path, blocks = find_blocks(model)
     targets = target_linears(model, recipe.targets, recipe.ignore)
     act_dtype = DTYPES[recipe.activation_dtype]
     if group is not None:
@@ -247,8 +264,12 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
             windows = windows[group.sample_slice(windows.shape[0], "evaluation windows")]
     inputs = capture_block_inputs(model, calibration, act_dtype)
     first = recipe.first_prune
+    residual = None
+    if "residual" in first.permute_scopes:  # issue 16 item 3: one order of the residual stream, model-wide
+        inputs, weights, residual = _residual_order(model, recipe, blocks_path, blocks, targets, inputs, device,
+                                                    weights, group, residual_file, resume is not None)
     result = PipelineResult(stage_seconds=[0.0] * len(recipe.stages),
-                            figure_module=figure_module(recipe.weight_figure, targets))
+                            figure_module=figure_module(recipe.weight_figure, targets), residual=residual)
     per_part = calibration.shape[0] // recipe.calibration.parts
     keys = {stream_key(recipe, i) for i in range(len(recipe.stages))}
     streams = {k: inputs.hidden[k.part * per_part:(k.part + 1) * per_part] for k in keys}
@@ -295,6 +316,30 @@ def prune_model(model: nn.Module, recipe: Recipe, calibration: torch.Tensor, pro
             result.perplexity[version_name(recipe, version)] = ppl
             _add_eval_seconds(result, recipe, version, time.perf_counter() - begin)
     return result
+
+
+def _residual_order(model: nn.Module, recipe: Recipe, blocks_path: str, blocks: nn.ModuleList,
+                    targets: dict[int, dict[str, nn.Linear]], inputs, device: torch.device, weights, group,
+                    residual_file, resuming: bool):
+    """permute: residual before the loop: the order searched (dense pre-pass) and saved, or read back when
+    resuming; folded into everything outside the blocks and into block 0's captured inputs; every block is folded
+    as it loads. Returns (inputs, weights wrapped in FoldedWeights, report record)."""
+    from .prune.residual import fold_outside
+    from .residual_step import FoldedWeights, load_permutation, save_permutation, search_prepass
+
+    if resuming:
+        if residual_file is None:
+            raise RecipeError("permute: residual: resuming needs the saved residual permutation (residual_file)")
+        perm, record = load_permutation(residual_file, inputs.hidden.shape[-1])
+        record = {**record, "resumed": True}
+    else:
+        perm, record = search_prepass(recipe, blocks, targets, inputs.hidden, inputs.kwargs, device, weights, group,
+                                      getattr(model.config, "model_type", None))
+        if residual_file is not None:
+            save_permutation(residual_file, perm, record)
+    fold_outside(model, blocks_path, perm)
+    inputs = replace(inputs, hidden=inputs.hidden[..., perm])  # what the folded embeddings give block 0
+    return inputs, FoldedWeights(weights, perm), record
 
 
 def _rank_samples(calibration: torch.Tensor, parts: int, group) -> torch.Tensor:
@@ -434,10 +479,10 @@ def _permute_channels(recipe: Recipe, index: int, block: nn.Module, linears: dic
         return (name, pattern) if pattern is not None and pattern.is_nm else None
 
     jobs = []  # (scope, producers, consumer, target name of the consumer, pattern, head_dim)
-    if first.permute in ("mlp", "mlp+attention"):
+    if "mlp" in first.permute_scopes:
         jobs += [("mlp", producers, consumer, *job, None) for producers, consumer in P.block_mlp_pairs(block)
                  if (job := consumer_job(consumer))]
-    if first.permute in ("attention", "mlp+attention"):
+    if "attention" in first.permute_scopes:
         jobs += [("attention", [v], o, *job, head_dim) for v, o, head_dim in P.block_attention_pairs(block)
                  if (job := consumer_job(o))]
     if not jobs:
@@ -500,7 +545,7 @@ def _run_stages(recipe: Recipe, index: int, block: nn.Module, linears: dict[str,
         if keep:
             advanced[key] = block_output
         del block_output
-        if i == 0 and first.permute != "none":
+        if i == 0 and first.permute_scopes & {"mlp", "attention"}:
             # issue 16 item 3: before the first mask is chosen, fold an N:M-friendly channel order into the block's
             # MLPs / attention heads (block params, versions[0] and the consumer's statistics all permuted alike), so
             # every later stage sees the permuted block and the block's function is unchanged.

@@ -54,6 +54,7 @@ def check_recipe(recipe: Recipe, path: str = "<recipe>", output: Path | None = N
             raise RecipeError(f"{path}: model: {exc}") from None
         shapes = {b: {n: (m.out_features, m.in_features) for n, m in mods.items()} for b, mods in targets.items()}
         problems += target_problems(recipe, shapes, path)
+        problems += residual_problems(recipe, config, shapes, path)
     if problems:
         raise RecipeError("\n".join(problems))
     return shapes
@@ -86,6 +87,22 @@ def target_problems(recipe: Recipe, shapes: dict[int, dict[str, tuple[int, int]]
         problems.append(f"{path}: stages.0: pattern {pattern} needs in_features divisible by {pattern.split(':')[1]}; "
                         f"{culprits[0]}{more}")
     return problems
+
+
+def residual_problems(recipe: Recipe, config, shapes: dict[int, dict[str, tuple[int, int]]], path: str) -> list[str]:
+    """permute: residual on an architecture the fold does not cover, or with no n:m target that reads the stream."""
+    from .prune.residual import READERS, architecture_problem, is_reader
+
+    first = recipe.first_prune
+    if "residual" not in first.permute_scopes:
+        return []
+    problem = architecture_problem(getattr(config, "model_type", None))
+    if problem is not None:
+        return [f"{path}: stages.0.{problem}"]
+    if not any(is_reader(n) and first.pattern_for(b, n).is_nm for b, mods in shapes.items() for n in mods):
+        return [f"{path}: stages.0.permute: residual: no target Linear that reads the residual stream "
+                f"({', '.join(READERS)}) has an n:m pattern"]
+    return []
 
 
 def _existing_parent(path: Path) -> Path:

@@ -118,11 +118,20 @@ class PruneStage(_Strict):
     calibration_part: int = Field(0, ge=0)
     blocksize: int = Field(128, gt=0, description="SparseGPT lazy-update block size.")
     percdamp: float = Field(0.01, gt=0, description="SparseGPT dampening, share of mean diag(H).")
-    permute: Literal["none", "mlp", "attention", "mlp+attention"] = Field(
+    permute: Literal["none", "mlp", "attention", "mlp+attention", "residual", "residual+mlp", "residual+attention",
+                     "residual+mlp+attention"] = Field(
         "none", description="n:m only: before this prune chooses its masks, reorder each block's MLP hidden units "
                             "(gate/up or fc1 output rows with down_proj / fc2 input columns) and/or the value channels "
                             "within each attention head (v_proj rows with o_proj columns) so that the N:M mask keeps "
-                            "more Wanda importance; the block computes the same function (sdsonnx/prune/permute.py).")
+                            "more Wanda importance; the block computes the same function (sdsonnx/prune/permute.py). "
+                            "residual: one order of the residual stream for the whole model, searched on every "
+                            "reader's (q/k/v, gate/up, fc1) scores in a dense pass before the first block and folded "
+                            "into embeddings, norms, readers, writers and LM head (sdsonnx/prune/residual.py).")
+
+    @property
+    def permute_scopes(self) -> frozenset[str]:
+        """The parts of `permute`: a subset of {residual, mlp, attention} (empty for none)."""
+        return frozenset() if self.permute == "none" else frozenset(self.permute.split("+"))
 
     @model_validator(mode="after")
     def _one_of(self) -> "PruneStage":

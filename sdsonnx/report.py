@@ -152,12 +152,14 @@ class RunReport:
     data: DataRecord | None = None  # absent in reports written before issue 14
     trust_remote_code: bool | None = None  # True when the recipe let the model's own code run; absent otherwise
     peak_device_bytes: int | None = None  # CUDA runs: torch.cuda.max_memory_allocated(); absent otherwise
+    residual_permutation: dict | None = None  # permute: residual's order (digest, kept-score gain); absent otherwise
     report_version: int = REPORT_VERSION
 
     def to_dict(self) -> dict:
         """The JSON object: report_version first, then the fields in declaration order."""
         body = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "report_version"}
-        for optional in ("weight_figure", "export", "trust_remote_code", "data", "peak_device_bytes"):
+        for optional in ("weight_figure", "export", "trust_remote_code", "data", "peak_device_bytes",
+                         "residual_permutation"):
             if body[optional] is None:
                 del body[optional]
         return {"report_version": self.report_version, **body}
@@ -179,6 +181,7 @@ class RunReport:
             export=None if export is None else ExportRecord(**export),
             data=None if data.get("data") is None else DataRecord.from_dict(data["data"]),
             trust_remote_code=data.get("trust_remote_code"), peak_device_bytes=data.get("peak_device_bytes"),
+            residual_permutation=data.get("residual_permutation"),
             report_version=data.get("report_version", 0))
 
 

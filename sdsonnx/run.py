@@ -21,6 +21,7 @@ from .outputs import atomic_output
 from .pipeline import DTYPES, PipelineResult, prune_model
 from .preflight import check_recipe
 from .recipe import Recipe
+from .residual_step import PERMUTATION_FILE
 from .resume import Checkpointer, identity
 from .shards import ShardWriter, StreamedWeights
 from .streams import StreamStore
@@ -151,7 +152,8 @@ def _run_into(recipe: Recipe, work: Path, output: Path, progress: bool, texts: d
     store = StreamStore(recipe.memory_budget, work / "streams")
     with timed(wall, "prune"):
         result = prune_model(model, recipe, calibration, progress=progress, windows=windows, weights=weights,
-                             resume=state, checkpoint=checkpointer.commit, store=store, group=group)
+                             resume=state, checkpoint=checkpointer.commit, store=store, group=group,
+                             residual_file=work / PERMUTATION_FILE)
         weights.finish_model()
     checkpointer.clear()
     shutil.rmtree(work / "streams", ignore_errors=True)
@@ -174,6 +176,7 @@ def _run_into(recipe: Recipe, work: Path, output: Path, progress: bool, texts: d
     (work / "recipe.resolved.yaml").write_text(recipe.to_yaml())
     report = build_report(recipe, result, ppl, wall, windows, calibration)
     report.data = data
+    report.residual_permutation = result.residual
     if result.figure_versions:
         report.weight_figure = FigureRecord(result.figure_module, draw_weight_figure(recipe, result, ppl, work).name)
     write_report(report, work)

@@ -203,6 +203,17 @@ def test_cases_carry_the_calibration_seed_and_the_permutation():
             quality_bench.case_recipe(bad)
 
 
+def test_rperm_cases_permute_the_residual_stream_too():
+    for case in ("sparsegpt:2:4:rperm", "sds-sparsegpt:2:4:rperm@2"):
+        recipe = quality_bench.case_recipe(case)
+        assert recipe["stages"][0] == {"kind": "prune", "method": "sparsegpt", "pattern": "2:4",
+                                       "permute": "residual+mlp+attention"}
+    assert quality_bench.case_recipe("sds-sparsegpt:2:4:rperm@2")["calibration"]["seed"] == 2
+    assert quality_bench.parse_case("sds-wanda:4:8:rperm") == (True, "wanda", "4:8", "rperm")
+    with pytest.raises(ValueError, match="perm and rperm need an n:m pattern"):
+        quality_bench.case_recipe("sparsegpt:0.5:rperm")
+
+
 def test_sds_base_is_the_one_shot_run_at_the_same_seed_and_permutation():
     base = _record("sparsegpt", "2:4", 50.0, 80.0)
     sds = _record("sds-sparsegpt", "2:4", 40.0, 72.0, "sd")

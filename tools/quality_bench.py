@@ -15,8 +15,8 @@ markdown table between the quality markers of docs/BENCHMARKS.md is regenerated 
   .venv/bin/python tools/quality_bench.py --cases sds-sparsegpt:2:4 --cases sds-sparsegpt:2:4:dd
   .venv/bin/python tools/quality_bench.py --cases sparsegpt:2:4@1,sparsegpt:2:4@2   # calibration seeds 1 and 2
 
-A case is METHOD:PATTERN[:VARIANT][@SEED]: VARIANT is `owl` or `perm` (channel permutation, mlp+attention, n:m
-only) for any run, or one of SDS_VARIANTS for an sds- run; SEED replaces the calibration seed (default 0, the
+A case is METHOD:PATTERN[:VARIANT][@SEED]: VARIANT is `owl`, `perm` (channel permutation, mlp+attention, n:m
+only) or `rperm` (the residual stream's too: residual+mlp+attention, n:m only) for any run, or one of SDS_VARIANTS for an sds- run; SEED replaces the calibration seed (default 0, the
 protocol's), so the seed spread is read from the same cases at seeds 0, 1, 2.
 """
 from __future__ import annotations
@@ -41,7 +41,9 @@ PROTOCOL = {
     "calibration": {"source": "wiki-extracts", "segments": 64, "length": 512, "seed": 0},
     "evaluation": {"source": "wiki-extracts", "window": 512, "max_tokens": 40960},
 }
-PRUNE_VARIANTS = {"owl": {"profile": "owl"}, "perm": {"permute": "mlp+attention"}}  # first-prune options
+PRUNE_VARIANTS = {"owl": {"profile": "owl"}, "perm": {"permute": "mlp+attention"},  # first-prune options
+                  "rperm": {"permute": "residual+mlp+attention"}}
+PERMUTE_VARIANTS = ("perm", "rperm")  # n:m only
 LOADED_PER_CORE = 1.5  # a run whose load average exceeds 1.5x the cores is marked "*" and gets no time ratio
 # The second, out-of-domain evaluation text (issue 16): same window and token cap as the in-domain one.
 OOD_EVALUATION = {"source": "sotu-addresses", "window": 512, "max_tokens": 40960}
@@ -85,9 +87,10 @@ def parse_case(case: str) -> tuple[bool, str, str, str]:
     sds = head.startswith("sds-")
     variant = extra[0] if extra else ("sd" if sds else "")
     if (not pattern or (variant and variant not in PRUNE_VARIANTS and variant not in SDS_VARIANTS)
-            or (variant in SDS_VARIANTS and not sds) or (variant == "perm" and ":" not in pattern)):
-        raise ValueError(f"bad case {case!r}: METHOD:PATTERN[:owl|perm][@SEED] or "
-                         f"sds-METHOD:PATTERN[:owl|perm|{'|'.join(SDS_VARIANTS)}][@SEED] (perm needs an n:m pattern)")
+            or (variant in SDS_VARIANTS and not sds) or (variant in PERMUTE_VARIANTS and ":" not in pattern)):
+        raise ValueError(f"bad case {case!r}: METHOD:PATTERN[:owl|perm|rperm][@SEED] or "
+                         f"sds-METHOD:PATTERN[:owl|perm|rperm|{'|'.join(SDS_VARIANTS)}][@SEED] (perm and rperm need "
+                         "an n:m pattern)")
     return sds, head.removeprefix("sds-"), pattern, variant
 
 
