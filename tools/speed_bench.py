@@ -7,17 +7,19 @@ artifact.quantize.quantize_artifact, what `sdsonnx export --quantize` runs), tim
 (sdsonnx.bench.matrix): prefill 128 and 512 at batch 1, decode on a 128-token cache at batch 1 and 8, 2 threads.
 Every record carries speedup_vs_dense_fp32 (ONNX Runtime dense fp32 of the same case / this) and its bound.
 
+    .venv/bin/python tools/speed_bench.py --family dense=/tmp/h15/q/dense-fp32 \
+        --family "sds-sparsegpt 2:4=/tmp/h15/q/sds-sparsegpt_2_4-fp32" --family "sds-sparsegpt 50%=..."
+
 `--deepsparse` adds DeepSparse 1.8.0 (end of life; its venv: `make deepsparse`, or --deepsparse-python): for every
-family its fp32 export and, where they exist next to it, NAME-int8-static (QDQ) and NAME-int8-dynamic
-(--ds-formats), compiled and timed in DeepSparse's own process after the in-process engines, interleaved among
-themselves, each checked against ONNX Runtime first (an entry DeepSparse rejects or mis-computes goes to "errors").
+family its fp32 export and, where it exists next to it, NAME-int8-static (QDQ) (--ds-formats; int8-dynamic can be
+named but crashes DeepSparse's planner, docs/research/deepsparse_int8.md), compiled and timed in DeepSparse's own
+process after the in-process engines, interleaved among themselves, each checked against ONNX Runtime first (an
+entry DeepSparse rejects, crashes on or mis-computes goes to the document's "errors" with the reason).
 Their records carry deepsparse_speedup_vs_dense_same_format (interleaved in the worker: the issue-15 target
 "sparse INT8 >= 1.3x dense INT8 at 50%") and speedup_base_interleaved false:
 
-    .venv/bin/python tools/speed_bench.py --deepsparse --family dense=/tmp/s25/q/dense-fp32 ...
-
-    .venv/bin/python tools/speed_bench.py --family dense=/tmp/h15/q/dense-fp32 \
-        --family "sds-sparsegpt 2:4=/tmp/h15/q/sds-sparsegpt_2_4-fp32" --family "sds-sparsegpt 50%=..."
+    .venv/bin/python tools/speed_bench.py --deepsparse --family dense=/tmp/s25/q/dense-fp32 \
+        --family "sds-sparsegpt 50%=/tmp/s25/q/sds-sparsegpt_0.5_admm-fp32" --decode 8 --warmup 1 --reps 3
 
 `--legacy-magnitude` is the earlier fp32-only run (magnitude 50/70/2:4, ONNX Runtime + DeepSparse, written to
 docs/benchmarks/speed_fp32_magnitude.json):
@@ -117,7 +119,7 @@ def quantized_copy(fp32: Path, scheme: str) -> Path:
     return out
 
 
-DS_FORMATS = ("fp32", "int8-static", "int8-dynamic")
+DS_FORMATS = ("fp32", "int8-static")
 
 
 def deepsparse_entries(families: list[str], formats: list[str], skip: list[str]) -> list:
