@@ -159,7 +159,7 @@ def dense_pass(blocks: nn.ModuleList, linears: dict[int, dict[str, nn.Linear]], 
     """One read-only pass of the calibration hidden states [n, L, d] through every block of the dense model:
     each block's `linears` get their squared input norms (full=False; all-reduced over `group`), then
     visit(index, block, stats, block_input, block_output) runs with the block loaded in float32 on `device`."""
-    for index, block in enumerate(tqdm(blocks, desc=desc, leave=False)):
+    for index, block in enumerate(tqdm(blocks, desc=desc, leave=False, disable=None)):  # None: off without a TTY
         weights.load(index, block)
         dtype = next(block.parameters()).dtype
         block.to(device, torch.float32)

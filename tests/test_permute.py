@@ -306,7 +306,7 @@ def test_recipe_accepts_permute_only_with_an_nm_pattern_on_the_first_prune():
     with pytest.raises(RecipeError, match="stages.1.permute"):
         recipe([SDS[0], {**SDS[0], "permute": "mlp"}])
     with pytest.raises(RecipeError, match="permute"):
-        recipe([{**SDS[0], "permute": "residual"}])
+        recipe([{**SDS[0], "permute": "residual+rows"}])  # `residual` alone is a value (tests/test_residual_permute.py)
 
 
 def test_a_block_whose_mlp_is_not_elementwise_is_refused(monkeypatch):

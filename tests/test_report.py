@@ -107,7 +107,8 @@ def test_a_real_runs_report_has_exactly_the_documented_keys(tiny_run):
     assert returned == data
     top, module, stage = documented_keys()
     # no export in this recipe, trust_remote_code not set (written only when true); weight_figure is drawn by default
-    assert set(data) == top - {"export", "trust_remote_code", "peak_device_bytes"}  # optional ones a CPU run omits
+    # optional ones a CPU run without permute: residual omits
+    assert set(data) == top - {"export", "trust_remote_code", "peak_device_bytes", "residual_permutation"}
     assert data["report_version"] == REPORT_VERSION
     assert set(data["perplexity"]) == {"dense", "after_1_prune", "after_2_redense", "pruned"}
     assert set(data["wall_seconds"]) == {"load", "eval_dense", "prune", "stage_prune", "stage_redense",
