@@ -2,15 +2,15 @@
 
 Per case every DeepSparse entry gets a fresh DeepSparse-compatible copy of its phase graph (deepsparse_compat; the
 Engine rewrites the file it is given) and ONNX Runtime's outputs of the same graph on the same inputs as its
-reference; the worker (deepsparse_worker.py, keep_going) compiles and checks each, then times the survivors
-interleaved. A native crash kills the worker: the model it was compiling (its "progress" file) is recorded as
-failed and the worker is run again without it (quantized models compile first, so that costs little). A worker past its timeout fails every model left in that case.
+reference, both deleted once the case is done (disk: one case's worth). The worker (deepsparse_worker.py,
+keep_going) compiles and checks each, then times the survivors interleaved. A native crash kills the worker: the
+model it was compiling (its "progress" file) is recorded as failed and the worker is run again without it
+(quantized models compile first, so that costs little). A worker past its timeout fails every model left in the case.
 """
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -104,13 +104,6 @@ def time_deepsparse(entries: list, cases: list[Case], graphs: dict, labels: dict
     import onnxruntime as ort
 
     out = {"times": {}, "checks": {}, "errors": [], "rewrites": {}, "version": None}
-    compat = {}
-    for phase in dict.fromkeys(c.phase for c in cases):
-        for path in dict.fromkeys(e.path for e in entries):
-            key = (labels[path], phase)
-            compat[key] = workdir / f"deepsparse-{key[0]}-{phase}.onnx"
-            changes = write_deepsparse_copy(graphs[key], compat[key])
-            out["rewrites"][key[0]] = sorted(set(out["rewrites"].get(key[0], [])) | set(changes))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
     for case in cases:
@@ -124,9 +117,10 @@ def time_deepsparse(entries: list, cases: list[Case], graphs: dict, labels: dict
                                         providers=["CPUExecutionProvider"])
             np.savez(ref, **{f"out{i}": o for i, o in enumerate(sess.run(None, feeds))})
             del sess
-            for e in (e for e in entries if e.path == path):
+            for e in (e for e in entries if e.path == path):  # a copy per case: only as much disk as one case needs
                 copy = workdir / f"ds-{case.key}-{len(specs)}.onnx"
-                shutil.copyfile(compat[(labels[path], case.phase)], copy)
+                changes = write_deepsparse_copy(graphs[(labels[path], case.phase)], copy)
+                out["rewrites"][labels[path]] = sorted(set(out["rewrites"].get(labels[path], [])) | set(changes))
                 fmt = weight_format(path) if weight_format else "fp32"
                 rtol, atol = tolerance(fmt)
                 specs.append({"label": e.key, "path": str(copy), "reference": str(ref), "rtol": rtol, "atol": atol,
@@ -137,6 +131,8 @@ def time_deepsparse(entries: list, cases: list[Case], graphs: dict, labels: dict
         models, errors, version = run_case_jobs(python, job, workdir, case.key, timeout_s)
         for spec in specs:
             Path(spec["path"]).unlink(missing_ok=True)
+            Path(spec["reference"]).unlink(missing_ok=True)
+        inputs.unlink(missing_ok=True)
         out["version"] = out["version"] or version
         out["times"][case.key] = {k: v["times_s"] for k, v in models.items()}
         out["checks"][case.key] = {k: {f: v.get(f) for f in ("compile_s", "max_abs_err", "max_ref", "top1",
