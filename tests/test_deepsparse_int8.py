@@ -63,7 +63,7 @@ def test_rewrite_matches_qdq_and_keeps_integer_zeros(per_channel, act_type):
     assert ops.count("MatMulInteger") == 2 and ops.count("MatMul") == 1  # the fp32 one stays
     assert ops.count("DequantizeLinear") == 0 and ops.count("QuantizeLinear") == 1
     inits = {t.name: numpy_helper.to_array(t) for t in new.graph.initializer}
-    assert "Wf" in inits and "w1s" not in inits  # the weight DQs' scales went with them
+    assert "Wf" in inits and "xzp" in inits  # the fp32 weight and the QuantizeLinear's zero point stay
     wq = inits["W1q"]
     assert wq.dtype == np.int8 and np.array_equal(wq == 0, w == 0)  # every pruned weight an integer zero
     x = np.random.default_rng(1).standard_normal((2, 3, 16)).astype(np.float32)
@@ -102,3 +102,27 @@ def test_low_opset_raises():
     m.opset_import.append(helper.make_opsetid("", 9))
     with pytest.raises(ValueError):
         to_matmul_integer(m)
+
+
+def test_int_weights_reads_the_same_integers_scales_and_zero_points():
+    """validate's reader (quantized.int_weights) sees each weight as it did in the QDQ graph, under the same module."""
+    from sdsonnx.artifact.quantized import int_weights
+
+    def qdq_named():
+        m = _qdq_graph(_sparse_weight(), per_channel=True, extra_fp32=False)
+        ren = {"W1q": "W1_quantized", "w1s": "W1_scale", "mm1": "/model/layers.0/mlp/up_proj/MatMul"}
+        for t in m.graph.initializer:
+            t.name = ren.get(t.name, t.name)
+        for n in m.graph.node:
+            n.name = ren.get(n.name, n.name)
+            for i, x in enumerate(n.input):
+                n.input[i] = ren.get(x, x)
+        return m
+
+    m = qdq_named()
+    before, after = int_weights(m), int_weights(to_matmul_integer(m))
+    assert set(before) == set(after) == {"W1_quantized", "W2q"}
+    a, b = before["W1_quantized"], after["W1_quantized"]
+    assert b.op == "MatMulInteger" and a.module == b.module == "model.layers.0.mlp.up_proj"
+    for f in ("q", "zp", "scale"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))

@@ -79,7 +79,8 @@ def to_matmul_integer(model: onnx.ModelProto) -> onnx.ModelProto:
     A MatMul is rewritten when its input A is a per-tensor DequantizeLinear of a runtime tensor and its input B a
     DequantizeLinear of a 2-D int8/uint8 initializer (per tensor, or per output column: axis 1 on [in, out]).
     Other MatMuls (fp32 weights, attention products) are left as they are. DequantizeLinear nodes left without
-    readers are removed, and so are their initializers that nothing else reads. Raises ValueError below opset 10.
+    readers are removed, and so are their zero points and activation scales that nothing else reads; each weight's
+    scale initializer is kept, unread, so that `quantized.int_weights` (validate) still finds `<W>_scale`. Raises ValueError below opset 10.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -95,6 +96,7 @@ def to_matmul_integer(model: onnx.ModelProto) -> onnx.ModelProto:
     replaced: dict[int, list[onnx.NodeProto]] = {}
     dropped: set[int] = set()
     new_inits: list[onnx.TensorProto] = []
+    weight_scales: list[str] = []
     for node in graph.node:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
@@ -108,6 +110,7 @@ def to_matmul_integer(model: onnx.ModelProto) -> onnx.ModelProto:
         x_scale, x_zp = xp
         base = node.name or node.output[0]
         scale_name = f"{base}_integer_scale"
+        weight_scales.append(b.input[1])
         new_inits.append(numpy_helper.from_array((x_scale.astype(np.float32) * w_scale.astype(np.float32)).astype(np.float32), scale_name))
         acc, cast = f"{base}_integer_out", f"{base}_integer_out_float"
         replaced[id(node)] = [
@@ -128,7 +131,9 @@ def to_matmul_integer(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(new_inits)
-    gone = {n for dq in graph_nodes_dropped for n in dq.input}
+    # a weight's own scale stays (unread): `quantized.int_weights` finds it as `<W>_scale` next to `<W>_quantized`
+    kept_scales = set(weight_scales)
+    gone = {n for dq in graph_nodes_dropped for n in dq.input} - kept_scales
     used = {n for node in graph.node for n in node.input} | graph_outputs
     keep = [t for t in graph.initializer if t.name in used or t.name not in gone]
     del graph.initializer[:]
