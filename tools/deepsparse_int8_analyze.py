@@ -1,6 +1,7 @@
 """Analyse one ONNX file with DeepSparse at 1 core: layer kinds, sparsity, bits, min/median run time, max abs vs ORT.
 
 Usage (DeepSparse venv, one process per graph): REPS=150 python tools/deepsparse_int8_analyze.py model.onnx > out.json
+(XSCALE=k multiplies the N(0,1) input; REPS sets the timed runs.)
 """
 import sys, os, json, time
 os.environ["NM_DISABLE_ANALYTICS"] = "1"
@@ -11,7 +12,7 @@ path = sys.argv[1]
 m = onnx.load(path)
 shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input]
 rng = np.random.default_rng(1)
-inputs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+inputs = [(rng.standard_normal(s) * float(os.environ.get("XSCALE", "1"))).astype(np.float32) for s in shapes]
 t0 = time.perf_counter()
 e = DebugAnalysisEngine(path, batch_size=shapes[0][0], num_cores=1, input_shapes=shapes, num_iterations=20, num_warmup_iterations=3)
 r = e.analyze(inputs, val_inp=False)
