@@ -18,10 +18,9 @@ def _qdq_graph(w: np.ndarray, per_channel: bool, act_type=np.int8, extra_fp32: b
     wq = np.clip(np.round(w / ws), -127, 127).astype(np.int8)
     zp0 = np.zeros(ws.shape, np.int8)
     xzp = np.array(128 if act_type == np.uint8 else 0, act_type)
-    inits = [numpy_helper.from_array(np.array(0.03, np.float32), "xs"), numpy_helper.from_array(xzp, "xzp"),
-             numpy_helper.from_array(wq, "W1q"), numpy_helper.from_array(ws, "w1s"), numpy_helper.from_array(zp0, "w1zp"),
-             numpy_helper.from_array(wq[:, ::-1].copy(), "W2q"), numpy_helper.from_array(ws[::-1].copy() if per_channel else ws, "w2s"),
-             numpy_helper.from_array(zp0, "w2zp"), numpy_helper.from_array(w, "Wf")]
+    arrays = {"xs": np.array(0.03, np.float32), "xzp": xzp, "W1q": wq, "w1s": ws, "w1zp": zp0,
+              "W2q": wq[:, ::-1].copy(), "w2s": ws[::-1].copy() if per_channel else ws, "w2zp": zp0, "Wf": w}
+    inits = [numpy_helper.from_array(v, k) for k, v in arrays.items()]
     kw = {"axis": 1} if per_channel else {}
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xzp"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xzp"], ["xd"]),
@@ -29,7 +28,7 @@ def _qdq_graph(w: np.ndarray, per_channel: bool, act_type=np.int8, extra_fp32: b
              helper.make_node("DequantizeLinear", ["W2q", "w2s", "w2zp"], ["W2"], **kw),
              helper.make_node("MatMul", ["xd", "W1"], ["y1"], name="mm1"),
              helper.make_node("MatMul", ["xd", "W2"], ["y2"], name="mm2")]
-    outs = [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [2, 3, None]), helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 3, None])]
+    outs = [helper.make_tensor_value_info(y, TensorProto.FLOAT, [2, 3, None]) for y in ("y1", "y2")]
     if extra_fp32:
         nodes.append(helper.make_node("MatMul", ["x", "Wf"], ["y3"], name="mm3"))
         outs.append(helper.make_tensor_value_info("y3", TensorProto.FLOAT, [2, 3, None]))

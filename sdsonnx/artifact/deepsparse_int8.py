@@ -46,7 +46,8 @@ def _axis(node: onnx.NodeProto) -> int:
     return 1
 
 
-def _weight_params(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray] | None:
+def _weight_params(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
     """(w_s [N] or scalar, w_zp like w_s) of a weight DequantizeLinear on a 2-D int8 initializer, else None."""
     if len(dq.input) < 3 or any(n not in inits for n in dq.input[:3]):
         return None
@@ -62,7 +63,8 @@ def _weight_params(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tu
     return scale, zero
 
 
-def _act_params(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, onnx.TensorProto] | None:
+def _act_params(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]
+                ) -> tuple[np.ndarray, onnx.TensorProto] | None:
     """(x_s scalar, x_zp initializer) of a per-tensor activation DequantizeLinear, else None."""
     if len(dq.input) < 3 or dq.input[0] in inits or any(n not in inits for n in dq.input[1:3]):
         return None
@@ -80,7 +82,8 @@ def to_matmul_integer(model: onnx.ModelProto) -> onnx.ModelProto:
     DequantizeLinear of a 2-D int8/uint8 initializer (per tensor, or per output column: axis 1 on [in, out]).
     Other MatMuls (fp32 weights, attention products) are left as they are. DequantizeLinear nodes left without
     readers are removed, and so are their zero points and activation scales that nothing else reads; each weight's
-    scale initializer is kept, unread, so that `quantized.int_weights` (validate) still finds `<W>_scale`. Raises ValueError below opset 10.
+    scale initializer is kept, unread, so that `quantized.int_weights` (validate) still finds `<W>_scale`.
+    Raises ValueError below opset 10.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -111,10 +114,12 @@ def to_matmul_integer(model: onnx.ModelProto) -> onnx.ModelProto:
         base = node.name or node.output[0]
         scale_name = f"{base}_integer_scale"
         weight_scales.append(b.input[1])
-        new_inits.append(numpy_helper.from_array((x_scale.astype(np.float32) * w_scale.astype(np.float32)).astype(np.float32), scale_name))
+        rescale = (x_scale.astype(np.float32) * w_scale.astype(np.float32)).astype(np.float32)
+        new_inits.append(numpy_helper.from_array(rescale, scale_name))
         acc, cast = f"{base}_integer_out", f"{base}_integer_out_float"
         replaced[id(node)] = [
-            helper.make_node("MatMulInteger", [a.input[0], b.input[0], a.input[2], b.input[2]], [acc], f"{base}_MatMulInteger"),
+            helper.make_node("MatMulInteger", [a.input[0], b.input[0], a.input[2], b.input[2]], [acc],
+                             f"{base}_MatMulInteger"),
             helper.make_node("Cast", [acc], [cast], f"{base}_Cast", to=TensorProto.FLOAT),
             helper.make_node("Mul", [cast, scale_name], [node.output[0]], f"{base}_Rescale"),
         ]
