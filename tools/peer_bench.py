@@ -319,7 +319,8 @@ def main() -> None:
             torch.save(calibration.clone(), cal_paths[seed])
         model, _ = load_model(str(model_dir))
         saved: dict[tuple[str, str, int], Path] = {}
-        for impl, cell, seed in plan_runs(cells, impls, seeds):
+        runs = plan_runs(cells, impls, seeds)
+        for index, (impl, cell, seed) in enumerate(runs):
             out = tmp / f"{impl}-{cell.replace(':', '_')}-seed{seed}.safetensors"
             command = worker_command(impl, cell, model_dir, cal_paths[seed], out)
             print(f"running {case_id(impl, cell, seed)} (load {os.getloadavg()[0]:.1f}) ...", flush=True)
@@ -350,6 +351,9 @@ def main() -> None:
             print(f"  {record['case']}: perplexity {ppl:.3f}, prune {record['prune_seconds']:.0f} s, command "
                   f"{record['command_seconds']:.0f} s, {record['peak_rss_mib']} MiB, load {record['load_average_after'][0]}"
                   f", sparsity {checks['sparsity']:.4f}", flush=True)
+            if ("reference", cell, seed) not in runs[index + 1:]:  # no later run compares with these: free the disk
+                for key in [k for k in saved if k[1:] == (cell, seed)]:  # (16 runs x 0.4 GiB filled a 6 GB disk)
+                    saved.pop(key).unlink()
 
 
 if __name__ == "__main__":
