@@ -364,6 +364,7 @@ def _process_block(recipe: Recipe, index: int, block: nn.Module, linears: dict[s
             store.release(old)
         return out
     storage_dtype = next(block.parameters()).dtype
+    originals = {name: mod.weight.data for name, mod in linears.items()}
     if ev is not None and 0 in versions_measured:
         block.to(device)  # evaluation passes run in the storage dtype, on the working device
         _timed_eval(result, ev, [0], block, index, recipe)
@@ -383,8 +384,22 @@ def _process_block(recipe: Recipe, index: int, block: nn.Module, linears: dict[s
         _use_weights(linears, versions[version], device, storage_dtype)
         _timed_eval(result, ev, [version], block, index, recipe)
     block.to("cpu")
-    _use_weights(linears, versions[-1], "cpu", storage_dtype)
+    _keep_storage(linears, versions[-1], originals, storage_dtype)
     return out
+
+
+def _keep_storage(linears: dict[str, nn.Linear], final: dict[str, torch.Tensor], originals: dict[str, torch.Tensor],
+                  dtype: torch.dtype) -> None:
+    """Give every Linear its final weight, written into the tensor it held when the block began where shape, dtype
+    and device allow. A model loaded from safetensors holds its weights in a private memory map of the file, read in
+    as the blocks are pruned: a new tensor per weight would keep the read file pages resident beside it (SmolLM2-135M:
+    ~0.45 GiB more peak RSS, issue 18), while writing in place replaces each page by its copy."""
+    for name, mod in linears.items():
+        weight, original = final[name].to("cpu", dtype), originals[name]
+        if original.shape == weight.shape and original.dtype == dtype and original.device.type == "cpu":
+            original.copy_(weight)
+            weight = original
+        mod.weight.data = weight
 
 
 def _timed_eval(result: PipelineResult, ev: EvalStreams, versions: list[int], block: nn.Module, index: int,

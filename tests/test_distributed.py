@@ -1,6 +1,7 @@
 """SDS on 2 gloo ranks (torchrun, loopback) gives the one-process masks exactly, its weights within 1e-4 and its
 perplexity to 1e-5 relative; the distributed k-th value equals masks.topk_mask on simulated ranks; every row-split
-solver on 2-3 thread ranks with the same H gives the one-process masks exactly.
+solver on 2-3 thread ranks with the same H gives the one-process masks exactly. `residual24` checks that the
+residual-stream permutation's dense pre-pass and search give every rank the one-process order.
 
 Run as a script under torchrun (`python -m torch.distributed.run ... tests/test_distributed.py WORKDIR`), this
 file is the worker: every rank runs the recipes in WORKDIR in one process group.
@@ -28,6 +29,7 @@ TEXT = "\n".join(" ".join(f"w{4 + (i * 7919 + j * 31) % 120}" for j in range(60)
 RECIPES = {
     "sparsegpt50": '  - {kind: prune, method: sparsegpt, sparsity: 0.5}\n',
     "sparsegpt24": '  - {kind: prune, method: sparsegpt, pattern: "2:4"}\n',
+    "residual24": '  - {kind: prune, method: sparsegpt, pattern: "2:4", permute: residual+mlp+attention}\n',
     "sds": ('  - {kind: prune, method: sparsegpt, sparsity: 0.5}\n  - {kind: redense, max_iter: 10}\n'
             '  - {kind: second_prune, max_iter: 10}\n'),
 }

@@ -96,3 +96,23 @@ def test_linears_fed_the_same_input_share_one_gram_and_it_is_exact(arch):
     k = next(n for n in linears if n.endswith("k_proj"))
     assert stats[q] is stats[k]  # one accumulation for q/k/v
     assert len({id(s) for s in stats.values()}) < len(stats)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stages", [
+    [{"kind": "prune", "method": "wanda", "pattern": "2:4"}],
+    [{"kind": "prune", "method": "sparsegpt", "sparsity": 0.5}, {"kind": "redense", "max_iter": 3},
+     {"kind": "second_prune", "max_iter": 3}],
+])
+def test_final_weights_are_written_into_the_tensors_the_model_held(dtype, stages):
+    """A model loaded from safetensors holds its weights in a private map of the file: the loop writes each final
+    weight into the tensor the Linear held (no second copy beside the read file pages), in the storage dtype."""
+    model = tiny("llama").to(dtype)
+    targets = {n: m for mods in target_linears(model).values() for n, m in mods.items()}
+    before = {n: (m.weight.data_ptr(), m.weight.detach().clone()) for n, m in targets.items()}
+    prune_model(model, parse_recipe({"model": "unused", "device": "cpu", "evaluation": None, "stages": stages}),
+                calibration(), progress=False)
+    for name, mod in targets.items():
+        ptr, dense = before[name]
+        assert mod.weight.data_ptr() == ptr and mod.weight.dtype == dtype, name
+        assert float((mod.weight == 0).float().mean()) == 0.5 and not torch.equal(mod.weight, dense), name
