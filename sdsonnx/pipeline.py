@@ -370,6 +370,8 @@ def _process_block(recipe: Recipe, index: int, block: nn.Module, linears: dict[s
         _timed_eval(result, ev, [0], block, index, recipe)
     block.to(device, torch.float32)
     versions, advanced = _run_stages(recipe, index, block, linears, streams, kwargs, result, store, group)
+    _drop_spent_versions(versions, {k.version for k in streams if k not in advanced} | set(versions_measured) - {0},
+                         originals)
     out = {}
     for key in streams:
         if key in advanced:
@@ -388,6 +390,26 @@ def _process_block(recipe: Recipe, index: int, block: nn.Module, linears: dict[s
     return out
 
 
+def _drop_spent_versions(versions: list[dict | None], needed: set[int], originals: dict[str, torch.Tensor]) -> None:
+    """Before the block's streams advance: release every weight version but the final one that no stream or
+    evaluation still reads, and where the dense version is spent, write each final weight into the tensor the Linear
+    held when the block began if that tensor can serve as it is (same shape, dtype, device: a float32 model on the
+    working device). The advance pass then holds one set of the block's weights beside the originals, not two
+    (issue 18: the reference implementations prune in place); the numbers are bitwise the same."""
+    final = versions[-1]
+    for v in range(len(versions) - 1):
+        if v not in needed:
+            versions[v] = None
+    if 0 in needed:
+        return
+    for name, weight in final.items():
+        original = originals[name]
+        if original is not weight and (original.shape, original.dtype, original.device) == \
+                (weight.shape, weight.dtype, weight.device):
+            original.copy_(weight)
+            final[name] = original
+
+
 def _keep_storage(linears: dict[str, nn.Linear], final: dict[str, torch.Tensor], originals: dict[str, torch.Tensor],
                   dtype: torch.dtype) -> None:
     """Give every Linear its final weight, written into the tensor it held when the block began where shape, dtype
@@ -396,7 +418,9 @@ def _keep_storage(linears: dict[str, nn.Linear], final: dict[str, torch.Tensor],
     ~0.45 GiB more peak RSS, issue 18), while writing in place replaces each page by its copy."""
     for name, mod in linears.items():
         weight, original = final[name].to("cpu", dtype), originals[name]
-        if original.shape == weight.shape and original.dtype == dtype and original.device.type == "cpu":
+        if weight is original:
+            pass  # written early (_drop_spent_versions)
+        elif original.shape == weight.shape and original.dtype == dtype and original.device.type == "cpu":
             original.copy_(weight)
             weight = original
         mod.weight.data = weight

@@ -46,3 +46,12 @@ def test_target_and_ignore_regexes():
 def test_model_without_blocks_is_a_clear_error():
     with pytest.raises(UnsupportedModelError, match="no decoder blocks found.*model.layers"):
         find_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_captured_inputs_are_cast_to_the_activation_dtype():
+    model = tiny("llama")
+    ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(2))
+    full = capture_block_inputs(model, ids).hidden
+    half = capture_block_inputs(model, ids, torch.bfloat16).hidden
+    assert full.shape == (3, 24, model.config.hidden_size) and full.dtype == torch.float32
+    assert half.dtype == torch.bfloat16 and torch.equal(half, full.to(torch.bfloat16))

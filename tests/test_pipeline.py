@@ -116,3 +116,40 @@ def test_final_weights_are_written_into_the_tensors_the_model_held(dtype, stages
         ptr, dense = before[name]
         assert mod.weight.data_ptr() == ptr and mod.weight.dtype == dtype, name
         assert float((mod.weight == 0).float().mean()) == 0.5 and not torch.equal(mod.weight, dense), name
+
+
+@pytest.mark.parametrize("dtype, own_tensors", [(torch.float32, True), (torch.bfloat16, False)])
+def test_streams_advance_on_the_models_own_tensors_once_the_dense_version_is_spent(dtype, own_tensors):
+    """A prune-only recipe: after the stage no stream or evaluation reads the dense weights, so a float32 model's
+    final weights are written into its own tensors before the calibration stream advances (that pass holds one set
+    of the block's weights, not two, as the reference implementations do). A bfloat16 model advances with float32
+    weights; its own tensors get the final weights at the block's end."""
+    model = tiny("llama").to(dtype)
+    targets = {n: m for mods in target_linears(model).values() for n, m in mods.items()}
+    ptrs = {n: m.weight.data_ptr() for n, m in targets.items()}
+    last_call: dict[str, bool] = {}
+    for name, mod in targets.items():
+        mod.register_forward_pre_hook(lambda m, args, n=name: last_call.__setitem__(n, m.weight.data_ptr() == ptrs[n]))
+    prune_model(model, recipe({"kind": "prune", "method": "wanda", "pattern": "2:4"}), calibration(), progress=False)
+    assert last_call == {n: own_tensors for n in targets}  # each block's last forward call is its advance pass
+
+
+def test_spent_versions_are_dropped_and_the_final_weights_move_into_the_originals():
+    from sdsonnx.pipeline import _drop_spent_versions
+
+    original, mid, final = torch.zeros(4, 4), torch.ones(4, 4), torch.full((4, 4), 2.0)
+    versions = [{"a": original}, {"a": mid}, {"a": final}]
+    _drop_spent_versions(versions, {1}, {"a": original})
+    assert versions[0] is None and versions[1]["a"] is mid
+    assert versions[2]["a"] is original and torch.equal(original, final)
+
+    original, final = torch.zeros(4, 4), torch.full((4, 4), 2.0)
+    versions = [{"a": original}, {"a": mid}, {"a": final}]
+    _drop_spent_versions(versions, {0}, {"a": original})  # a stream still reads the dense weights
+    assert versions[0]["a"] is original and versions[1] is None and versions[2]["a"] is final
+    assert not original.any()
+
+    original = torch.zeros(4, 4, dtype=torch.bfloat16)  # cannot hold float32 weights as they are
+    versions = [{"a": original.float()}, {"a": final}]
+    _drop_spent_versions(versions, set(), {"a": original})
+    assert versions[0] is None and versions[1]["a"] is final and not original.any()
