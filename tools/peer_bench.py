@@ -71,12 +71,12 @@ def worker_command(impl: str, cell: str, model_dir: Path, calibration: Path, out
     return [str(PYTHONS[impl]), str(WORKER), impl, method, pattern, str(model_dir), str(calibration), str(out)]
 
 
-def run_worker(command: list[str], log: Path, threads: int = THREADS) -> dict:
+def run_worker(command: list[str], log: Path, threads: int = THREADS, extra_env: dict | None = None) -> dict:
     """Run one worker; its JSON line plus command_seconds (the process's wall time, start to exit)."""
     start, cpu = time.perf_counter(), _children_cpu()
     with open(log, "w") as err:
-        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, env=worker_env(threads), cwd=ROOT,
-                              text=True)
+        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, env={**worker_env(threads),
+                              **(extra_env or {})}, cwd=ROOT, text=True)
     seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu
     if proc.returncode:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
